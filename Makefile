@@ -1,0 +1,37 @@
+# Two-command quick start: `make demo` and `make test` each create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the quickstart experiment: teacher, scores, pruned + distilled student, profile
+	$(BIN)/m2mdc run experiment=quickstart hydra.run.dir=outputs/demo force=true
+
+test: $(STAMP)  ## the full test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check m2mdc tests scripts
+	$(BIN)/ruff format --check m2mdc tests scripts
+	$(BIN)/mypy m2mdc
+
+format: $(STAMP)
+	$(BIN)/ruff format m2mdc tests scripts
+	$(BIN)/ruff check --fix m2mdc tests scripts
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py --out bench.json
+
+clean:
+	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,176 @@
+"""Run artifacts: atomic writes and the safe checkpoint format (DESIGN.md contract).
+
+A checkpoint ``model.pt`` holds only tensors and plain data and is always read with
+``torch.load(..., weights_only=True)``::
+
+    {"format": 1, "arch": {...}, "state_dict": {...}, "meta": {...}}
+
+``arch`` lets the adapter rebuild the exact (pruned, sliced) module before
+``load_state_dict(strict=True)``. A file holding pickled code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from m2mdc.errors import M2MError
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same directory, fsync, then rename over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Pretty JSON (sorted keys for stable diffs), written atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON artifact; a missing or corrupt file is a user error naming the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise M2MError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise M2MError(f"corrupt JSON in {path}: {exc}") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` into memory, then an atomic write (a crash never leaves half a file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for every way a file can be bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise M2MError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise M2MError(
+            f"refusing to load {path}: it is not a plain-tensor checkpoint (weights_only load "
+            f"failed: {first[:160]}); m2mdc never unpickles code"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise M2MError(f"cannot read checkpoint {path}: truncated or corrupt ({first[:160]})") from None
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any] | None = None) -> None:
+    """Save ``model`` (which carries ``m2mdc_arch``) in the checkpoint contract format."""
+    arch = getattr(model, "m2mdc_arch", None)
+    if arch is None:
+        raise ValueError("model has no m2mdc_arch; build it through an m2mdc adapter")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch_save_atomic(
+        {"format": CHECKPOINT_FORMAT, "arch": arch, "state_dict": state, "meta": dict(meta or {})},
+        path,
+    )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expect_model: str | None = None,
+    expect_classes: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the module described by an m2mdc checkpoint and load its weights strictly.
+
+    Args:
+        path: ``model.pt`` in the checkpoint format.
+        expect_model: when given, the checkpoint's model name must match.
+        expect_classes: when given, the checkpoint's class count must match.
+
+    Returns:
+        (model in eval mode on CPU, meta dict).
+    """
+    from m2mdc.arch import get_adapter
+
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "arch" not in obj:
+        raise M2MError(
+            f"{path} is not an m2mdc checkpoint (format {CHECKPOINT_FORMAT} with arch and state_dict)"
+        )
+    arch = obj["arch"]
+    name = arch.get("name")
+    if expect_model is not None and name != expect_model:
+        raise M2MError(f"{path} holds a {name} but model={expect_model} was requested")
+    if expect_classes is not None and arch.get("num_classes") != expect_classes:
+        raise M2MError(
+            f"{path} has {arch.get('num_classes')} classes but the dataset has {expect_classes}"
+        )
+    model = get_adapter(name).build(arch)
+    load_state_dict_checked(model, obj["state_dict"], path)
+    model.eval()
+    return model, dict(obj.get("meta") or {})
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, Any], path: str | Path) -> None:
+    """``load_state_dict(strict=True)`` turning key/shape mismatches into one clear line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise M2MError(
+            f"{path} does not match the model ({len(missing)} missing, {len(extra)} unexpected "
+            f"keys; first: {what})"
+        )
+    for k, v in own.items():
+        other = state[k]
+        if not isinstance(other, torch.Tensor) or other.shape != v.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise M2MError(
+                f"{path} does not match the model: {k} has shape {shape}, expected {tuple(v.shape)}"
+            )
+    model.load_state_dict(state, strict=True)

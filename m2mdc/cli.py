@@ -1,0 +1,181 @@
+"""``m2mdc <command> [overrides]``: argv[1] picks the command, the rest goes to Hydra unchanged.
+
+Before Hydra runs, every job the arguments describe (each combination of a ``-m`` sweep) is
+composed once and validated, so a typo, an unknown choice or an out-of-range value is one
+line on stderr and exit code 2, and nothing is created on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from m2mdc import __version__
+from m2mdc.errors import M2MError
+
+# command -> one-line description, in pipeline order; `report` is not a Hydra command.
+COMMANDS: dict[str, str] = {
+    "run": "run every stage in order (teacher, score, prune, distill, profile) and summarise",
+    "finetune-teacher": "fine-tune the teacher: new classifier, last third unfrozen, Adam, clip",
+    "score": "rank blocks by label mutual information of pooled activations (probe set)",
+    "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
+    "distill": "staged KD repair of the pruned student against the teacher",
+    "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
+}
+
+# Hydra flags that take a value (so the value is not mistaken for an override).
+_FLAGS_WITH_VALUE = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc",
+}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion"}
+
+
+def conf_dir() -> Path:
+    """The config tree: conf/ beside the package in a checkout, m2mdc.conf when installed."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("m2mdc.conf")))
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [
+        f"m2mdc {__version__}: MI-guided block pruning, residual-safe slicing and staged KD",
+        "",
+        "usage: m2mdc <command> [key=value ...] [hydra flags: -m, --cfg job, --help, ...]",
+        "",
+        "commands:",
+        *(f"  {c.ljust(width)}  {d}" for c, d in COMMANDS.items()),
+        "",
+        "examples:",
+        "  m2mdc run                                   # the quickstart experiment on digits",
+        "  m2mdc run model=resnet18 prune.ratio=0.4",
+        "  m2mdc run -m seed=42,99,123 prune.ratio=0.1,0.25",
+        "  m2mdc profile model=resnet18 dataset=fake profile.input_size=32",
+        "  m2mdc <command> --help                      # the composed config and its groups",
+    ]
+    return "\n".join(lines)
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from Hydra's own flags (and their values)."""
+    overrides: list[str] = []
+    flags: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _FLAGS_WITH_VALUE:
+                nxt = next(it, None)
+                if nxt is not None:
+                    flags.append(nxt)
+        else:
+            overrides.append(a)
+    return overrides, flags
+
+
+def _schema_keys(cfg: object, path: str) -> list[str]:
+    from omegaconf import DictConfig, OmegaConf
+
+    node = OmegaConf.select(cfg, path) if path else cfg  # type: ignore[arg-type]
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def explain(exc: BaseException, base_cfg: object | None = None) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line naming the key and the choices."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(exc, M2MError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException):
+        text = str(exc)
+        first = text.splitlines()[0]
+        options = [ln.strip() for ln in text.splitlines() if ln.startswith("\t") and "=" not in ln]
+        group = first.split("'")[-2] if "'" in first else first
+        if "/" in group:
+            g, _, v = group.rpartition("/")
+            return f"{g}={v} is not a valid choice; choose one of: {', '.join(options)}"
+        return first
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return str(exc).splitlines()[0]
+    full_key = getattr(cause, "full_key", None) or ""
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        parent, _, leaf = full_key.rpartition(".")
+        known = _schema_keys(base_cfg, parent) if base_cfg is not None else []
+        hint = difflib.get_close_matches(leaf, known, n=1)
+        msg = f"unknown setting '{full_key}'"
+        if hint:
+            msg += f" (did you mean '{f'{parent}.' if parent else ''}{hint[0]}'?)"
+        if known:
+            msg += f"; settings under '{parent or '<root>'}': {', '.join(known)}"
+        return msg
+    detail = str(cause).splitlines()[0]
+    return f"{full_key}: {detail}" if full_key else detail
+
+
+def _compose_jobs(overrides: list[str]) -> None:
+    """Compose and validate every job a (possibly sweeping) override list describes."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from m2mdc.config import register_configs, validate
+
+    register_configs()
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # grammar errors: Hydra's message is already one clear line
+        raise M2MError(str(exc).splitlines()[0]) from None
+    # Hydra's own keys (hydra.run.dir, hydra/launcher=...) are validated by Hydra itself.
+    user = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
+    jobs = BasicSweeper.split_arguments(user, max_batch_size=None)[0] if user else [[]]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        base = compose("config")
+        for job in jobs:
+            try:
+                validate(compose("config", overrides=list(job)))
+            except Exception as exc:
+                raise M2MError(explain(exc, base)) from None
+    GlobalHydra.instance().clear()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        print(f"m2mdc {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        if command not in COMMANDS:
+            hint = difflib.get_close_matches(command, COMMANDS, n=1)
+            raise M2MError(
+                f"unknown command '{command}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; commands: {', '.join(COMMANDS)}"
+            )
+        overrides, flags = split_overrides(rest)
+        if not any(f in _INFO_FLAGS for f in flags):
+            _compose_jobs(overrides)
+    except M2MError as exc:
+        print(f"m2mdc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    from m2mdc.pipeline import hydra_main
+
+    return hydra_main(command, rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
