@@ -14,7 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = ROOT.parent / "shared" / "data" / "cifar10-subset.zip"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny models: thread start-up costs more than it saves, and the machine is shared
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ Example:
     >>> model = adapter.create("resnet18", num_classes=10)
     >>> [b.name for b in adapter.blocks(model) if b.protected]
     ['layer2.0', 'layer3.0', 'layer4.0']
-    >>> student = adapter.keep(model, {"layer1": [0], "layer2": [0], "layer3": [0, 1], "layer4": [0, 1]})
+    >>> keep_cfg = {"layer1": [0], "layer2": [0], "layer3": [0, 1], "layer4": [0, 1]}
+    >>> student = adapter.keep(model, keep_cfg)
     >>> rebuilt = adapter.build(adapter.arch(student))  # same shapes, fresh weights
 """
 
@@ -225,7 +226,8 @@ class AdapterBase:
     def _check_name(self, name: str) -> None:
         if name not in self.model_names:
             raise M2MError(
-                f"model: '{name}' is not a {self.family} model; valid: {', '.join(self.model_names)}"
+                f"model: '{name}' is not a {self.family} model; "
+                f"valid: {', '.join(self.model_names)}"
             )
 
     def _stored(self, model: nn.Module) -> dict[str, Any]:
@@ -335,7 +337,7 @@ class AdapterBase:
                     )
             if not wanted:
                 raise M2MError(f"{where}: stage {stage} would be empty; keep at least one block")
-            stage_refs = [(r, m) for r, m in zip(refs, modules) if r.stage == stage]
+            stage_refs = [(r, m) for r, m in zip(refs, modules, strict=True) if r.stage == stage]
             for ref, _ in stage_refs:
                 if ref.protected and ref.orig_index not in wanted:
                     raise M2MError(

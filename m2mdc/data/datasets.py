@@ -128,12 +128,14 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int
 
 
 def _decode(path: Path, size: int | None) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
         raise M2MError(f"dataset.root: cannot decode image {path}: {exc}") from None
+    img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if size is not None and tuple(img.shape[1:]) != (size, size):
         img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear",
                             antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
