@@ -47,8 +47,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Pretty JSON (sorted keys for stable diffs), written atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """Pretty JSON (keys in insertion order: rows stay in pipeline order), written atomically."""
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
     atomic_write_bytes(path, text.encode())
 
 

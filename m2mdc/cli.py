@@ -17,11 +17,12 @@ from m2mdc.errors import M2MError
 
 # command -> one-line description, in pipeline order; `report` is not a Hydra command.
 COMMANDS: dict[str, str] = {
-    "run": "run every stage in order (teacher, score, prune, distill, profile) and summarise",
+    "run": "run every stage in order (teacher .. slice, profile) and write summary.json",
     "finetune-teacher": "fine-tune the teacher: new classifier, last third unfrozen, Adam, clip",
     "score": "rank blocks by label mutual information of pooled activations (probe set)",
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
     "distill": "staged KD repair of the pruned student against the teacher",
+    "slice": "progressive residual-safe channel slicing (planes, mid) with KD repair",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
 }
 

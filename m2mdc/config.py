@@ -91,6 +91,17 @@ class KDConfig:
 
 
 @dataclass
+class SliceConfig:
+    name: str = _f("planes_mid", choices=("planes_mid", "planes", "mid", "none"))
+    planes_keep: Any = 0.5  # a fraction in (0, 1], or a mapping stage -> fraction
+    mid_keep: Any = 0.5
+    round_to: int = _f(1, ge=1)
+    repair_epochs: int = _f(1, ge=0)
+    selector: str = _f("bn_l1", choices=("bn_gamma", "l1", "bn_l1", "random", "cmi"))
+    include_first_stage: bool = False
+
+
+@dataclass
 class ProfileConfig:
     input_size: int | None = _f(None, gt=0)
     latency: bool = True
@@ -109,6 +120,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    slice: SliceConfig = field(default_factory=SliceConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
@@ -175,7 +187,19 @@ def validate(cfg: DictConfig) -> None:
         check(cfg)
 
 
-EXTRA_VALIDATORS: list[Any] = []
+def _validate_slice_keeps(cfg: DictConfig) -> None:
+    for key in ("planes_keep", "mid_keep"):
+        value = cfg.slice.get(key) if "slice" in cfg else None
+        items = value.items() if isinstance(value, DictConfig) else [(None, value)]
+        for stage, v in items:
+            name = f"slice.{key}" + (f".{stage}" if stage is not None else "")
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise M2MError(f"{name}={v!r} is not valid; give a fraction in (0, 1] or a mapping "
+                               "stage -> fraction")
+            _check_value(name, float(v), {"gt": 0, "le": 1})
+
+
+EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps]
 
 
 def to_plain(node: Any) -> Any:

@@ -18,6 +18,8 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(highlight=False)
+if not console.is_terminal:  # logs and CI: wide enough that tables are not truncated
+    console = Console(highlight=False, width=160)
 log = logging.getLogger("m2mdc")
 
 
@@ -36,7 +38,13 @@ def progress() -> Progress:
     )
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, column: str = "") -> str:
+    """Human-readable cell: counts in M, percentages with one decimal."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if column in ("params", "macs", "conv_macs"):
+            return f"{value / 1e6:,.3f}M"
+        if column.endswith("_pct") or column.startswith("top1") or column.endswith("delta"):
+            return f"{value:+.1f}" if column.endswith(("delta", "_pct")) else f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -50,5 +58,5 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any] |
         t.add_column(c, justify="left" if c in (columns[0],) else "right")
     for r in rows:
         values = [r.get(c) for c in columns] if isinstance(r, Mapping) else list(r)
-        t.add_row(*(fmt(v) for v in values))
+        t.add_row(*(fmt(v, c) for v, c in zip(values, columns, strict=False)))
     return t

@@ -1,0 +1,247 @@
+"""Ordered stages over one run directory, and the Hydra entry point that dispatches commands.
+
+Each stage reads its inputs from the run directory and writes its outputs to
+``<run>/<stage>/``; ``<stage>/done.json`` is written last and records the stage's configuration
+fingerprint. A stage whose outputs exist for the same configuration is skipped; outputs of a
+different configuration are never overwritten silently (``force=true`` replaces them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from m2mdc import __version__
+from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
+from m2mdc.config import to_plain, validate
+from m2mdc.data.datasets import ImageData, load_split
+from m2mdc.data.loader import Batches
+from m2mdc.errors import M2MError
+from m2mdc.train.loop import resolve_device, seed_everything
+from m2mdc.ui import log
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage.
+
+    Attributes:
+        name: its directory under the run directory.
+        command: the CLI command that runs it alone.
+        requires: stages whose outputs it reads.
+        keys: config sections that determine its outputs (besides its upstream stages').
+        run: ``run(ctx) -> metrics``; writes ``<run>/<name>/`` itself.
+        version: bumped when the stage's code changes what it produces.
+        extra: more fingerprint input read from the run directory (e.g. which models exist).
+    """
+
+    name: str
+    command: str
+    requires: tuple[str, ...]
+    keys: tuple[str, ...]
+    run: Callable[[Context], dict[str, Any]]
+    version: int = 1
+    extra: Callable[[Context], Any] | None = None
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> None:
+    if stage.name in STAGES:
+        raise ValueError(f"stage '{stage.name}' is already registered")
+    STAGES[stage.name] = stage
+
+
+class Context:
+    """What a stage needs: the config, the run directory, the device, data and models."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
+        self._data: dict[str, ImageData] = {}
+
+    # -- paths and fingerprints -------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        d = self.run_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def stage_config(self, name: str) -> dict[str, Any]:
+        st = STAGES[name]
+        return {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
+
+    def fingerprint(self, name: str) -> str:
+        st = STAGES[name]
+        payload = {
+            "stage": name,
+            "version": st.version,
+            "config": self.stage_config(name),
+            "upstream": {u: self.fingerprint(u) for u in st.requires},
+            "extra": st.extra(self) if st.extra is not None else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def is_done(self, name: str) -> bool:
+        done = self.run_dir / name / "done.json"
+        return done.is_file() and read_json(done).get("fingerprint") == self.fingerprint(name)
+
+    # -- data --------------------------------------------------------------------------------
+    def data(self, split: str) -> ImageData:
+        if split not in self._data:
+            self._data[split] = load_split(self.cfg.dataset, split, self.cache_dir)
+        return self._data[split]
+
+    @property
+    def cache_dir(self) -> str:
+        return str(Path(self.cfg.cache_dir).expanduser().resolve())
+
+    @cached_property
+    def num_classes(self) -> int:
+        ds = self.cfg.dataset
+        if ds.name == "fake" or (ds.num_classes is not None and ds.name != "imagefolder"):
+            return int(ds.num_classes or 10)
+        return self.data("train").num_classes
+
+    def train_batches(self, batch_size: int | None = None) -> Batches:
+        ds = self.cfg.dataset
+        return Batches(self.data("train"), batch_size or ds.batch_size, ds.image_size,
+                       train=True, seed=self.cfg.seed, device=self.device)
+
+    def test_batches(self) -> Batches:
+        ds = self.cfg.dataset
+        return Batches(self.data("test"), ds.eval_batch_size, ds.image_size, device=self.device)
+
+    # -- models ------------------------------------------------------------------------------
+    def load_model(self, stage: str) -> nn.Module:
+        """The model a finished stage saved, on the run's device, in eval mode."""
+        path = self.run_dir / stage / "model.pt"
+        model, _ = load_checkpoint(path, expect_model=self.cfg.model.name,
+                                   expect_classes=self.num_classes)
+        return model.to(self.device).eval()
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            d = _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return ""
+    return "" if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def execute(ctx: Context, name: str) -> dict[str, Any]:
+    """Run one stage (or skip it when its outputs exist for this configuration)."""
+    st = STAGES[name]
+    for req in st.requires:
+        if not (ctx.run_dir / req / "done.json").is_file():
+            raise M2MError(
+                f"{st.command} needs the outputs of `m2mdc {STAGES[req].command}` in "
+                f"{ctx.run_dir}; run that first (same hydra.run.dir), or `m2mdc run`"
+            )
+        if not ctx.is_done(req):
+            rec = read_json(ctx.run_dir / req / "done.json")
+            diff = _first_difference(rec.get("config", {}), ctx.stage_config(req))
+            raise M2MError(
+                f"{req}/ in {ctx.run_dir} was produced by a different configuration "
+                f"({diff or 'upstream changed'}); rerun `m2mdc {STAGES[req].command}` with this "
+                "configuration or use the original settings"
+            )
+    fp = ctx.fingerprint(name)
+    done = ctx.run_dir / name / "done.json"
+    if done.is_file():
+        rec = read_json(done)
+        if rec.get("fingerprint") == fp and not ctx.cfg.force:
+            log.info(f"[{name}] skipped: outputs in {done.parent} match this configuration "
+                     "(force=true reruns)")
+            return read_json(done.parent / "metrics.json")
+        if not ctx.cfg.force:
+            diff = _first_difference(rec.get("config", {}), ctx.stage_config(name))
+            raise M2MError(
+                f"{done.parent} holds outputs of a different configuration "
+                f"({diff or 'upstream changed'}); use a new hydra.run.dir, or force=true to replace them"
+            )
+        done.unlink()
+    log.info(f"[{name}] running")
+    seed_everything(int(ctx.cfg.seed))
+    t0 = time.perf_counter()
+    metrics = st.run(ctx)
+    seconds = time.perf_counter() - t0
+    atomic_write_json(done, {
+        "fingerprint": fp,
+        "stage": name,
+        "config": ctx.stage_config(name),
+        "seconds": round(seconds, 3),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "m2mdc_version": __version__,
+        "torch_version": torch.__version__,
+    })
+    log.info(f"[{name}] done in {seconds:.1f}s")
+    return metrics
+
+
+PIPELINE = ("teacher", "score", "prune", "distill", "slice", "profile")
+
+
+def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Dispatch a CLI command on a run directory."""
+    from m2mdc import stages  # noqa: F401  (registers the stages)
+    from m2mdc.stages.summary import write_summary
+
+    ctx = Context(cfg, run_dir)
+    if command == "run":
+        for name in PIPELINE:
+            if name in STAGES:
+                execute(ctx, name)
+        return write_summary(ctx)
+    by_command = {s.command: s.name for s in STAGES.values()}
+    return execute(ctx, by_command[command])
+
+
+# -- Hydra entry --------------------------------------------------------------------------
+def _task(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        result = run_command(cfg.command, cfg, run_dir)
+    except M2MError as exc:
+        print(f"m2mdc: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    # a sweeper may optimise on the returned value: the last stage's top1 if any
+    return result.get("top1") if isinstance(result, dict) else None
+
+
+def hydra_main(command: str, args: Sequence[str]) -> int:
+    """Run ``command`` through Hydra with ``args`` (overrides and Hydra flags) as its argv."""
+    import hydra
+
+    from m2mdc.cli import conf_dir
+    from m2mdc.config import register_configs
+
+    register_configs()
+    main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
+    argv = sys.argv
+    sys.argv = ["m2mdc", *args, f"command={command}"]
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        sys.argv = argv
+    return 0

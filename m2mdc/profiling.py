@@ -1,0 +1,149 @@
+"""Parameters, multiply-accumulates (fvcore) and latency of a model.
+
+Units follow the run-directory contract: ``params`` (count), ``macs`` and ``conv_macs``
+(multiply-accumulates, never called FLOPs), ``latency_ms`` (milliseconds).
+
+Example:
+    >>> profile_model(model, input_size=32, repeats=10)
+    {'params': 11181642, 'macs': 37016576, 'conv_macs': 37011456, 'input_size': 32, ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+# The only operators counted: fvcore's convolution and matrix-product handles, each of which
+# counts one fused multiply-add as one unit (so their totals are MACs).
+_MATMUL_OPS = {"conv", "addmm", "linear", "matmul", "mm", "bmm", "einsum"}
+# fvcore also counts these by default; they are not multiply-accumulates of a weight layer
+# (and BN folds into the preceding conv at inference), so their handles are disabled.
+_IGNORED_OPS = (
+    "aten::batch_norm",
+    "aten::group_norm",
+    "aten::layer_norm",
+    "aten::instance_norm",
+    "aten::upsample_nearest2d",
+    "aten::upsample_bilinear2d",
+    "aten::adaptive_avg_pool2d",
+    "aten::grid_sampler",
+)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not; buffers such as BN running stats excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> dict[str, int]:
+    """Multiply-accumulates of one ``1 x in_chans x input_size x input_size`` forward pass.
+
+    Counted with fvcore's ``FlopCountAnalysis`` (traced on a deep copy, eval mode, CPU):
+    convolutions ``k_h k_w (c_in / groups) c_out H_out W_out`` and linear / matmul layers
+    ``in * out`` per output row. Batch norm, pooling, activations, element-wise additions
+    and upsampling are excluded: they are cheap, memory-bound and (BN) folded into the conv
+    at deployment.
+
+    Returns:
+        ``{"macs": conv + linear/matmul MACs, "conv_macs": convolution MACs only}``.
+    """
+    # fvcore imports torch.jit.script helpers that warn on import in recent torch releases.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+    net = copy.deepcopy(model).cpu().eval()
+    x = torch.zeros(1, in_chans, input_size, input_size)
+    fvcore_log = logging.getLogger("fvcore")
+    level = fvcore_log.level
+    fvcore_log.setLevel(logging.ERROR)  # unsupported/uncalled-op notices are expected noise
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(net, x)
+            analysis.set_op_handle(**dict.fromkeys(_IGNORED_OPS))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
+            by_op = analysis.by_operator()
+    finally:
+        fvcore_log.setLevel(level)
+    macs = sum(int(v) for op, v in by_op.items() if op in _MATMUL_OPS)
+    return {"macs": macs, "conv_macs": int(by_op.get("conv", 0))}
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str = "cpu",
+    in_chans: int = 3,
+) -> dict[str, Any]:
+    """Wall-clock forward latency of a deep copy of ``model`` (eval, ``torch.inference_mode``).
+
+    Each of ``repeats`` timed forward passes follows ``warmup`` untimed ones; on CUDA the
+    timing uses CUDA events after a synchronise so asynchronous kernels are fully counted.
+
+    Returns:
+        ``latency_ms`` (median over repeats), ``latency_p90_ms`` (90th percentile),
+        ``batch_size``, ``threads`` (``torch.get_num_threads()``, the CPU intra-op threads,
+        which latency depends on), ``device``, ``repeats``.
+    """
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("measure_latency needs repeats >= 1, warmup >= 0, batch_size >= 1")
+    dev = torch.device(device)
+    net = copy.deepcopy(model).to(dev).eval()
+    x = torch.randn(batch_size, in_chans, input_size, input_size, device=dev)
+    cuda = dev.type == "cuda"
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            net(x)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        for _ in range(repeats):
+            if cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                net(x)
+                end.record()
+                end.synchronize()
+                times.append(float(start.elapsed_time(end)))
+            else:
+                t0 = time.perf_counter()
+                net(x)
+                times.append((time.perf_counter() - t0) * 1000.0)
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
+    return {
+        "latency_ms": statistics.median(times),
+        "latency_p90_ms": p90,
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "repeats": repeats,
+    }
+
+
+def profile_model(
+    model: nn.Module, input_size: int, latency: bool = True, **latency_kwargs: Any
+) -> dict[str, Any]:
+    """``params``, ``macs``, ``conv_macs``, ``input_size`` and, when ``latency`` is true, the
+    :func:`measure_latency` fields (``latency_kwargs`` are passed on)."""
+    in_chans = int(latency_kwargs.get("in_chans", 3))
+    out: dict[str, Any] = {"params": count_params(model)}
+    out.update(count_macs(model, input_size, in_chans=in_chans))
+    out["input_size"] = input_size
+    if latency:
+        out.update(measure_latency(model, input_size, **latency_kwargs))
+    return out

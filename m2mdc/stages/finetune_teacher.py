@@ -1,0 +1,110 @@
+"""finetune-teacher: paper section 4.1.
+
+ImageNet-pretrained torchvision model (or from scratch, or a local state_dict), classifier
+replaced for the dataset's classes, the last third of the backbone unfrozen (ResNet: layer3,
+layer4, fc; MobileNetV2: features[13:] and the classifier, i.e. the last 6 of its 19 feature
+modules), Adam at ``teacher.lr``, gradient clipping at ``teacher.grad_clip``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_checkpoint
+from m2mdc.arch.zoo import create_model
+from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.train.loop import evaluate, fit
+from m2mdc.ui import log
+
+
+def trainable_prefixes(model: nn.Module, unfreeze: str) -> tuple[str, ...]:
+    """Parameter-name prefixes left trainable; ``()`` means everything."""
+    if unfreeze == "all":
+        return ()
+    family = model.m2mdc_arch["family"]  # type: ignore[index]
+    if family == "resnet":
+        return ("layer3.", "layer4.", "fc.")
+    n = len(model.features)  # type: ignore[arg-type]
+    first = n - round(n / 3)
+    return (*(f"features.{i}." for i in range(first, n)), "classifier.")
+
+
+def apply_unfreeze(model: nn.Module, unfreeze: str) -> int:
+    """Freeze everything outside the trainable prefixes; returns the trainable parameter count."""
+    prefixes = trainable_prefixes(model, unfreeze)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not prefixes or name.startswith(prefixes))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def initial_teacher(ctx: Context) -> tuple[nn.Module, str]:
+    """The teacher before fine-tuning, and where it came from."""
+    cfg = ctx.cfg
+    if cfg.teacher.checkpoint:
+        path = cfg.teacher.checkpoint
+        obj = safe_torch_load(path)
+        if isinstance(obj, dict) and "arch" in obj:
+            model, _ = load_checkpoint(path, expect_model=cfg.model.name, expect_classes=ctx.num_classes)
+        else:  # a plain torchvision state_dict
+            model = create_model(cfg.model.name, ctx.num_classes, weights_path=path)
+        return model, f"teacher.checkpoint={path}"
+    model = create_model(cfg.model.name, ctx.num_classes, pretrained=cfg.model.pretrained,
+                         weights_path=cfg.model.weights)
+    source = ("ImageNet weights" if cfg.model.pretrained
+              else f"model.weights={cfg.model.weights}" if cfg.model.weights else "random init")
+    return model, source
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    out = ctx.stage_dir("teacher")
+    model, source = initial_teacher(ctx)
+    model.to(ctx.device)
+    test = ctx.test_batches()
+    epochs = 0 if cfg.teacher.checkpoint else int(cfg.teacher.epochs)
+    if cfg.teacher.unfreeze == "last_third" and not cfg.model.pretrained and not cfg.model.weights \
+            and not cfg.teacher.checkpoint and epochs:
+        log.warning("teacher: training from random init with teacher.unfreeze=last_third leaves "
+                    "two thirds of the network random; teacher.unfreeze=all is usual from scratch")
+    trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
+    log.info(f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters, "
+             f"{epochs} epochs")
+
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):  # noqa: ARG001
+        logits = m(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, logits, {"ce": loss}
+
+    result = fit(model, model.parameters(), ctx.train_batches(), test, epochs=epochs,
+                 lr=cfg.teacher.lr, grad_clip=cfg.teacher.grad_clip, loss_fn=loss_fn,
+                 state_path=out / "state.pt", fingerprint=ctx.fingerprint("teacher"),
+                 desc="teacher")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    final = result.history[-1]["test_top1"] if result.history else evaluate(model, test)["top1"]
+    metrics = {
+        "top1": final,
+        "epochs": result.history,
+        "source": source,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": trainable,
+        "unfreeze": cfg.teacher.unfreeze,
+        "train_seconds": round(result.seconds, 3),
+        "resumed_from_epoch": result.resumed_from,
+    }
+    save_checkpoint(out / "model.pt", model.cpu(), {"stage": "teacher", "top1": final,
+                                                     "seed": int(cfg.seed), "source": source})
+    from m2mdc.artifacts import atomic_write_json
+
+    atomic_write_json(out / "metrics.json", metrics)
+    (out / "state.pt").unlink(missing_ok=True)
+    log.info(f"teacher: test top1 {final:.2f}%")
+    return metrics
+
+
+register_stage(Stage(name="teacher", command="finetune-teacher", requires=(),
+                     keys=("model", "dataset", "teacher", "seed"), run=run))

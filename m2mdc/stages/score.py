@@ -1,0 +1,64 @@
+"""score: rank blocks by label mutual information of their pooled activations (section 3.1).
+
+The probe set is ``score.probe_samples`` training examples in a fixed order seeded by
+``seed`` that visits the classes round robin (image folders list files class by class, so the
+first N files would be a handful of classes), without augmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+from m2mdc.arch import get_adapter
+from m2mdc.artifacts import atomic_write_json
+from m2mdc.data.datasets import class_interleaved_order
+from m2mdc.data.loader import Batches
+from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.scoring.activations import collect_pooled
+from m2mdc.scoring.blocks import rank, score_blocks
+from m2mdc.scoring.mi import binned_mi
+from m2mdc.ui import console, log, table
+
+
+def probe_batches(ctx: Context) -> Batches:
+    """The fixed, class-mixed, unaugmented probe set."""
+    cfg = ctx.cfg
+    train = ctx.data("train")
+    n = min(int(cfg.score.probe_samples), len(train))
+    order = class_interleaved_order(train.labels, seed=int(cfg.seed))[:n]
+    return Batches(train, int(cfg.score.probe_batch_size), int(cfg.dataset.image_size),
+                   device=ctx.device, order=order)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    teacher = ctx.load_model("teacher")
+    adapter = get_adapter(teacher)
+    blocks = adapter.blocks(teacher)
+    probe = probe_batches(ctx)
+    modules = {b.name: adapter.block_module(teacher, b.name) for b in blocks}
+    scores = score_blocks(teacher, modules, cfg.score.method, probe, probe.num_examples,
+                          bins=int(cfg.score.bins), seed=int(cfg.seed))
+    ranks = rank(scores)
+    # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
+    stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
+    pooled, labels = collect_pooled(teacher, stage_out, probe.epoch(0), probe.num_examples)
+    channels = {s: binned_mi(z, labels, bins=int(cfg.score.bins), num_classes=ctx.num_classes).tolist()
+                for s, z in pooled.items()}
+    rows = [{"name": b.name, "stage": b.stage, "protected": b.protected,
+             "score": float(scores[b.name]), "rank": ranks[b.name]} for b in blocks]
+    result = {"method": cfg.score.method, "bins": int(cfg.score.bins),
+              "probe_samples": probe.num_examples, "blocks": rows,
+              "stage_channel_mi": channels, "units": "nats" if cfg.score.method == "mi" else None}
+    atomic_write_json(ctx.stage_dir("score") / "scores.json", result)
+    atomic_write_json(ctx.stage_dir("score") / "metrics.json",
+                      {"method": cfg.score.method, "probe_samples": probe.num_examples,
+                       "num_blocks": len(rows)})
+    console.print(table(f"block scores ({cfg.score.method}, {probe.num_examples} probe samples)",
+                        ["name", "stage", "protected", "score", "rank"], rows))
+    log.info(f"score: ranked {len(rows)} blocks; lowest {min(rows, key=lambda r: r['score'])['name']}")
+    return result
+
+
+register_stage(Stage(name="score", command="score", requires=("teacher",), keys=("score",), run=run))

@@ -1,0 +1,139 @@
+"""End-to-end: the real ``m2mdc`` command in a subprocess on the bundled digits data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2mdc.artifacts import load_checkpoint
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "dataset.limit_train=320", "dataset.limit_test=160", "dataset.batch_size=32",
+    "teacher.epochs=2", "kd.epochs=2", "score.probe_samples=192", "prune.bn_recal_batches=4",
+    "profile.latency_repeats=3", "profile.latency_warmup=1", "slice.repair_epochs=1",
+]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    """One `m2mdc run` of the quickstart experiment, shrunk to a few seconds."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    run_dir = cwd / "run"
+    _ok(run_cli("run", *TINY, f"hydra.run.dir={run_dir}", cwd=cwd))
+    return run_dir
+
+
+def test_run_writes_every_contract_file(quick_run):
+    for rel in ["teacher/model.pt", "teacher/metrics.json", "score/scores.json",
+                "prune/model.pt", "prune/plan.json", "prune/metrics.json",
+                "distill/model.pt", "distill/metrics.json", "slice/model.pt", "slice/plan.json",
+                "slice/metrics.json", "profile/metrics.json", "summary.json",
+                ".hydra/config.yaml", ".hydra/overrides.yaml"]:
+        assert (quick_run / rel).is_file(), rel
+
+
+def test_scores_rank_all_resnet18_blocks_with_transitions_protected(quick_run):
+    scores = json.loads((quick_run / "score" / "scores.json").read_text())
+    blocks = scores["blocks"]
+    assert [b["name"] for b in blocks] == [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+    assert {b["name"] for b in blocks if b["protected"]} == {"layer2.0", "layer3.0", "layer4.0"}
+    assert sorted(b["rank"] for b in blocks) == list(range(1, 9))
+    by_rank = sorted(blocks, key=lambda b: b["rank"])
+    assert all(a["score"] >= b["score"] for a, b in zip(by_rank, by_rank[1:]))
+
+
+def test_prune_plan_follows_scores_and_constraints(quick_run):
+    plan = json.loads((quick_run / "prune" / "plan.json").read_text())
+    assert plan["ratio"] == 0.4 and plan["k_target"] == 2  # floor(0.4 * 5 free blocks)
+    assert len(plan["removed"]) == 2
+    assert not set(plan["removed"]) & set(plan["protected"])
+    assert all(plan["keep_cfg"][s] for s in plan["keep_cfg"])
+    model, _ = load_checkpoint(quick_run / "prune" / "model.pt")
+    assert sum(len(getattr(model, f"layer{s}")) for s in range(1, 5)) == 6
+
+
+def test_distill_logs_the_staged_schedule(quick_run):
+    m = json.loads((quick_run / "distill" / "metrics.json").read_text())
+    assert [e["alpha"] for e in m["epochs"]] == [0.0, 0.1]
+    assert [e["beta"] for e in m["epochs"]] == [0.0, 0.1]
+    for e in m["epochs"]:
+        assert {"ce", "logit_align", "feat_align", "train_top1", "test_top1"} <= set(e)
+
+
+def test_summary_rows_and_reductions(quick_run):
+    s = json.loads((quick_run / "summary.json").read_text())
+    rows = {r["model"]: r for r in s["rows"]}
+    assert list(rows) == ["teacher", "block_kd", "inner_slice"]
+    assert rows["block_kd"]["macs"] < rows["teacher"]["macs"]
+    assert rows["inner_slice"]["macs"] < rows["block_kd"]["macs"]
+    t, b = rows["teacher"], rows["block_kd"]
+    assert b["macs_reduction_pct"] == pytest.approx(100 * (1 - b["macs"] / t["macs"]))
+    # the profile's parameter count is the checkpoint's
+    model, _ = load_checkpoint(quick_run / "slice" / "model.pt")
+    assert rows["inner_slice"]["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    proc = _ok(run_cli("run", *TINY, f"hydra.run.dir={quick_run}", cwd=quick_run.parent))
+    assert proc.stdout.count("skipped") >= 5
+
+
+def test_changed_config_in_same_dir_is_refused_without_touching_outputs(quick_run):
+    before = (quick_run / "teacher" / "model.pt").read_bytes()
+    proc = run_cli("finetune-teacher", *TINY, "teacher.epochs=3", f"hydra.run.dir={quick_run}",
+                   cwd=quick_run.parent)
+    assert proc.returncode == 2
+    assert "teacher.epochs: 2 -> 3" in proc.stderr and "force=true" in proc.stderr
+    assert (quick_run / "teacher" / "model.pt").read_bytes() == before
+
+
+def test_stage_before_prerequisite_names_the_command(tmp_path):
+    proc = run_cli("prune", *TINY, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "m2mdc score" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_bare_architecture_with_keep_cfg(tmp_path):
+    proc = _ok(run_cli("profile", "model=resnet18", "dataset=fake", "dataset.num_classes=10",
+                       "profile.input_size=32", "profile.latency=false",
+                       "prune.keep_cfg={layer1:[0],layer2:[0],layer3:[0],layer4:[0]}",
+                       f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path))
+    m = json.loads((tmp_path / "p" / "profile" / "metrics.json").read_text())
+    assert m["mode"] == "architecture"
+    assert m["models"]["resnet18"]["params"] == 11_181_642
+    # removing one BasicBlock from each of layer1..layer4 removes exactly these weights
+    removed = sum(2 * (9 * c * c) + 2 * 2 * c for c in (64, 128, 256, 512))
+    assert m["models"]["keep_cfg"]["params"] == 11_181_642 - removed
+    assert "keep_cfg" in proc.stdout
+
+
+def test_keep_cfg_removing_protected_block_is_refused(tmp_path):
+    proc = run_cli("profile", "dataset=fake", "prune.keep_cfg={layer2:[1]}", "profile.latency=false",
+                   f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "layer2.0" in proc.stderr and "protected" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_finetune_teacher_on_cifar10_subset(cifar_root, tmp_path):
+    run_dir = tmp_path / "c10"
+    _ok(run_cli("finetune-teacher", "dataset=imagefolder", f"dataset.root={cifar_root}",
+                "dataset.limit_train=1000", "dataset.limit_test=500", "teacher.epochs=1",
+                f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path))
+    m = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+    assert len(m["epochs"]) == 1
+    assert m["top1"] > 10.0 + 3.0  # chance is 10% on the 10 balanced classes
+    model, _ = load_checkpoint(run_dir / "teacher" / "model.pt", expect_classes=10)
+    assert isinstance(model(torch.zeros(1, 3, 32, 32)), torch.Tensor)
