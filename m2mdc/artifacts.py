@@ -103,10 +103,14 @@ def safe_torch_load(path: str | Path) -> Any:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise M2MError(f"cannot read checkpoint {path}: truncated or corrupt ({first[:160]})") from None
+        raise M2MError(
+            f"cannot read checkpoint {path}: truncated or corrupt ({first[:160]})"
+        ) from None
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, meta: Mapping[str, Any] | None = None
+) -> None:
     """Save ``model`` (which carries ``m2mdc_arch``) in the checkpoint contract format."""
     arch = getattr(model, "m2mdc_arch", None)
     if arch is None:
@@ -139,7 +143,8 @@ def load_checkpoint(
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "arch" not in obj:
         raise M2MError(
-            f"{path} is not an m2mdc checkpoint (format {CHECKPOINT_FORMAT} with arch and state_dict)"
+            f"{path} is not an m2mdc checkpoint "
+            f"(format {CHECKPOINT_FORMAT} with arch and state_dict)"
         )
     arch = obj["arch"]
     name = arch.get("name")

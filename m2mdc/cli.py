@@ -28,8 +28,19 @@ COMMANDS: dict[str, str] = {
 
 # Hydra flags that take a value (so the value is not mistaken for an override).
 _FLAGS_WITH_VALUE = {
-    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-    "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
 }
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion"}
 
@@ -82,7 +93,7 @@ def _schema_keys(cfg: object, path: str) -> list[str]:
     from omegaconf import DictConfig, OmegaConf
 
     node = OmegaConf.select(cfg, path) if path else cfg  # type: ignore[arg-type]
-    return list(node.keys()) if isinstance(node, DictConfig) else []
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def explain(exc: BaseException, base_cfg: object | None = None) -> str:

@@ -107,7 +107,7 @@ class ProfileConfig:
     latency: bool = True
     latency_warmup: int = _f(5, ge=0)
     latency_repeats: int = _f(30, gt=0)
-    batch_sizes: list[int] = _f(factory=lambda: [1])
+    batch_sizes: list[int] = _f(factory=lambda: [1])  # noqa: RUF009
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _check_value(key: str, value: Any, rules: dict[str, Any]) -> None:
         ("le", lambda v, b: v <= b, "<="),
         ("lt", lambda v, b: v < b, "<"),
     ]
-    for name, ok, sym in bounds:
+    for name, ok, _sym in bounds:
         if name in rules and not ok(value, rules[name]):
             allowed = " and ".join(f"{s} {rules[n]}" for n, _, s in bounds if n in rules)
             raise M2MError(f"{key}={value} is out of range; allowed: {allowed}")
@@ -162,10 +162,9 @@ def _walk(schema: Any, node: Any, prefix: str) -> None:
         if not isinstance(node, DictConfig) or f.name not in node:
             continue
         value = node[f.name]
-        if dataclasses.is_dataclass(f.type) or (
-            isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)
-        ):
-            _walk(f.default_factory, value, key + ".")  # type: ignore[arg-type]
+        factory = f.default_factory
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            _walk(factory, value, key + ".")
             continue
         if isinstance(value, ListConfig):
             for i, item in enumerate(value):
@@ -192,10 +191,12 @@ def _validate_slice_keeps(cfg: DictConfig) -> None:
         value = cfg.slice.get(key) if "slice" in cfg else None
         items = value.items() if isinstance(value, DictConfig) else [(None, value)]
         for stage, v in items:
-            name = f"slice.{key}" + (f".{stage}" if stage is not None else "")
+            name = f"slice.{key}" + (f".{stage!s}" if stage is not None else "")
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise M2MError(f"{name}={v!r} is not valid; give a fraction in (0, 1] or a mapping "
-                               "stage -> fraction")
+                raise M2MError(
+                    f"{name}={v!r} is not valid; give a fraction in (0, 1] or a mapping "
+                    "stage -> fraction"
+                )
             _check_value(name, float(v), {"gt": 0, "le": 1})
 
 

@@ -118,8 +118,14 @@ class Context:
 
     def train_batches(self, batch_size: int | None = None) -> Batches:
         ds = self.cfg.dataset
-        return Batches(self.data("train"), batch_size or ds.batch_size, ds.image_size,
-                       train=True, seed=self.cfg.seed, device=self.device)
+        return Batches(
+            self.data("train"),
+            batch_size or ds.batch_size,
+            ds.image_size,
+            train=True,
+            seed=self.cfg.seed,
+            device=self.device,
+        )
 
     def test_batches(self) -> Batches:
         ds = self.cfg.dataset
@@ -129,8 +135,9 @@ class Context:
     def load_model(self, stage: str) -> nn.Module:
         """The model a finished stage saved, on the run's device, in eval mode."""
         path = self.run_dir / stage / "model.pt"
-        model, _ = load_checkpoint(path, expect_model=self.cfg.model.name,
-                                   expect_classes=self.num_classes)
+        model, _ = load_checkpoint(
+            path, expect_model=self.cfg.model.name, expect_classes=self.num_classes
+        )
         return model.to(self.device).eval()
 
 
@@ -166,14 +173,17 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
     if done.is_file():
         rec = read_json(done)
         if rec.get("fingerprint") == fp and not ctx.cfg.force:
-            log.info(f"[{name}] skipped: outputs in {done.parent} match this configuration "
-                     "(force=true reruns)")
+            log.info(
+                f"[{name}] skipped: outputs in {done.parent} match this configuration "
+                "(force=true reruns)"
+            )
             return read_json(done.parent / "metrics.json")
         if not ctx.cfg.force:
             diff = _first_difference(rec.get("config", {}), ctx.stage_config(name))
             raise M2MError(
                 f"{done.parent} holds outputs of a different configuration "
-                f"({diff or 'upstream changed'}); use a new hydra.run.dir, or force=true to replace them"
+                f"({diff or 'upstream changed'}); use a new hydra.run.dir, "
+                "or force=true to replace them"
             )
         done.unlink()
     log.info(f"[{name}] running")
@@ -181,15 +191,18 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     metrics = st.run(ctx)
     seconds = time.perf_counter() - t0
-    atomic_write_json(done, {
-        "fingerprint": fp,
-        "stage": name,
-        "config": ctx.stage_config(name),
-        "seconds": round(seconds, 3),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "m2mdc_version": __version__,
-        "torch_version": torch.__version__,
-    })
+    atomic_write_json(
+        done,
+        {
+            "fingerprint": fp,
+            "stage": name,
+            "config": ctx.stage_config(name),
+            "seconds": round(seconds, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "m2mdc_version": __version__,
+            "torch_version": torch.__version__,
+        },
+    )
     log.info(f"[{name}] done in {seconds:.1f}s")
     return metrics
 

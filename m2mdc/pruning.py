@@ -18,10 +18,12 @@ from m2mdc.errors import M2MError
 def num_to_remove(blocks: Sequence[BlockRef], ratio: float) -> int:
     """``floor(ratio * |free blocks|)``; the tiny epsilon keeps 0.3 * 10 from flooring to 2."""
     free = sum(not b.protected for b in blocks)
-    return int(math.floor(ratio * free + 1e-9))
+    return math.floor(ratio * free + 1e-9)
 
 
-def select_removals(blocks: Sequence[BlockRef], scores: Mapping[str, float], ratio: float) -> list[BlockRef]:
+def select_removals(
+    blocks: Sequence[BlockRef], scores: Mapping[str, float], ratio: float
+) -> list[BlockRef]:
     """The blocks to remove, lowest score first (ties broken by forward order).
 
     Protected blocks are never chosen and no stage loses its last block, so fewer than ``k``
@@ -44,7 +46,9 @@ def select_removals(blocks: Sequence[BlockRef], scores: Mapping[str, float], rat
     return removed
 
 
-def keep_cfg_from_removals(blocks: Sequence[BlockRef], removed: Sequence[BlockRef]) -> dict[str, list[int]]:
+def keep_cfg_from_removals(
+    blocks: Sequence[BlockRef], removed: Sequence[BlockRef]
+) -> dict[str, list[int]]:
     """The keep configuration (teacher numbering) that leaves out ``removed``."""
     gone = {b.name for b in removed}
     keep: dict[str, list[int]] = {}
@@ -58,13 +62,17 @@ def keep_cfg_from_removals(blocks: Sequence[BlockRef], removed: Sequence[BlockRe
 def parse_keep_cfg(raw: Any) -> dict[str, list[int]]:
     """Normalise a user ``prune.keep_cfg`` (mapping stage -> list of ints) or fail clearly."""
     if not isinstance(raw, Mapping):
-        raise M2MError(f"prune.keep_cfg must map stage names to index lists, e.g. "
-                       f"{{layer1:[0],layer2:[0,1]}}; got {raw!r}")
+        raise M2MError(
+            f"prune.keep_cfg must map stage names to index lists, e.g. "
+            f"{{layer1:[0],layer2:[0,1]}}; got {raw!r}"
+        )
     out: dict[str, list[int]] = {}
     for stage, idx in raw.items():
         values = [idx] if isinstance(idx, int) else idx
         try:
             out[str(stage)] = sorted({int(i) for i in values})
         except (TypeError, ValueError):
-            raise M2MError(f"prune.keep_cfg.{stage} must be a list of block indices; got {idx!r}") from None
+            raise M2MError(
+                f"prune.keep_cfg.{stage} must be a list of block indices; got {idx!r}"
+            ) from None
     return out

@@ -52,7 +52,9 @@ def fmt(value: Any, column: str = "") -> str:
     return "" if value is None else str(value)
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> Table:
+def table(
+    title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence[Any]]
+) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
         t.add_column(c, justify="left" if c in (columns[0],) else "right")

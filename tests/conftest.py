@@ -38,12 +38,15 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 900, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real ``m2mdc`` console script in a subprocess."""
     exe = Path(sys.executable).parent / "m2mdc"
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,14 @@ def test_default_config_is_the_quickstart(compose_cfg):
     assert cfg.model.pretrained is False
 
 
-@pytest.mark.parametrize("exp,model", [("paper_resnet18", "resnet18"), ("paper_resnet34", "resnet34"),
-                                       ("paper_mobilenetv2", "mobilenet_v2")])
+@pytest.mark.parametrize(
+    "exp,model",
+    [
+        ("paper_resnet18", "resnet18"),
+        ("paper_resnet34", "resnet34"),
+        ("paper_mobilenetv2", "mobilenet_v2"),
+    ],
+)
 def test_paper_experiments_follow_section_4_1(compose_cfg, exp, model):
     cfg = compose_cfg(f"experiment={exp}")
     validate(cfg)
@@ -53,8 +59,15 @@ def test_out_of_range_values_name_key_and_allowed_range(compose_cfg, override, e
     "args,expected",
     [
         (["prune.ration=0.4"], "unknown setting 'prune.ration' (did you mean 'prune.ratio'?)"),
-        (["model=resnet19"], "model=resnet19 is not a valid choice; choose one of: mobilenet_v2, resnet18, resnet34"),
-        (["dataset=mnist"], "dataset=mnist is not a valid choice; choose one of: cifar10, cifar100, digits, fake, imagefolder"),
+        (
+            ["model=resnet19"],
+            "model=resnet19 is not a valid choice; choose one of: mobilenet_v2, resnet18, resnet34",
+        ),
+        (
+            ["dataset=mnist"],
+            "dataset=mnist is not a valid choice; "
+            "choose one of: cifar10, cifar100, digits, fake, imagefolder",
+        ),
         (["teacher.epochs=-1"], "teacher.epochs=-1 is out of range; allowed: >= 0"),
         (["dataset.image_size=0"], "dataset.image_size=0 is out of range; allowed: > 0"),
         (["teacher.epochs=abc"], "teacher.epochs"),

@@ -15,9 +15,20 @@ from m2mdc.errors import M2MError
 
 
 def ds_cfg(**kw):
-    base = dict(name="digits", root=None, download=False, image_size=32, num_classes=None,
-                limit_train=None, limit_test=None, batch_size=8, eval_batch_size=16,
-                num_workers=0, fake_train_size=64, fake_test_size=16)
+    base = dict(
+        name="digits",
+        root=None,
+        download=False,
+        image_size=32,
+        num_classes=None,
+        limit_train=None,
+        limit_test=None,
+        batch_size=8,
+        eval_batch_size=16,
+        num_workers=0,
+        fake_train_size=64,
+        fake_test_size=16,
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -35,7 +46,9 @@ def test_digits_split_is_stratified_disjoint_and_scaled():
 
 def test_limit_is_class_stratified_and_seed_independent():
     labels = torch.arange(10).repeat_interleave(50)  # sorted by class, like an image folder
-    data = ImageData(torch.zeros(500, 3, 2, 2, dtype=torch.uint8), labels, [str(i) for i in range(10)])
+    data = ImageData(
+        torch.zeros(500, 3, 2, 2, dtype=torch.uint8), labels, [str(i) for i in range(10)]
+    )
     sub = limit(data, 40)
     assert torch.bincount(sub.labels, minlength=10).tolist() == [4] * 10
     torch.manual_seed(123)
@@ -89,13 +102,17 @@ def _write_folder(root, classes=("cat", "dog"), n=3, size=(10, 10)):
 
 def test_imagefolder_reads_classes_in_folder_order(tmp_path):
     _write_folder(tmp_path)
-    data = load_split(ds_cfg(name="imagefolder", root=str(tmp_path)), "train", str(tmp_path / "cache"))
+    data = load_split(
+        ds_cfg(name="imagefolder", root=str(tmp_path)), "train", str(tmp_path / "cache")
+    )
     assert data.classes == ["cat", "dog"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert data.images.shape == (6, 3, 10, 10)
     png = np.array(Image.open(tmp_path / "train" / "dog" / "1.png"))
     assert torch.equal(data.images[4].permute(1, 2, 0), torch.from_numpy(png))
     # the decoded split is cached and read back identically
-    again = load_split(ds_cfg(name="imagefolder", root=str(tmp_path)), "train", str(tmp_path / "cache"))
+    again = load_split(
+        ds_cfg(name="imagefolder", root=str(tmp_path)), "train", str(tmp_path / "cache")
+    )
     assert torch.equal(again.images, data.images)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,14 +15,23 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "dataset.limit_train=320", "dataset.limit_test=160", "dataset.batch_size=32",
-    "teacher.epochs=2", "kd.epochs=2", "score.probe_samples=192", "prune.bn_recal_batches=4",
-    "profile.latency_repeats=3", "profile.latency_warmup=1", "slice.repair_epochs=1",
+    "dataset.limit_train=320",
+    "dataset.limit_test=160",
+    "dataset.batch_size=32",
+    "teacher.epochs=2",
+    "kd.epochs=2",
+    "score.probe_samples=192",
+    "prune.bn_recal_batches=4",
+    "profile.latency_repeats=3",
+    "profile.latency_warmup=1",
+    "slice.repair_epochs=1",
 ]
 
 
 def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -35,11 +45,23 @@ def quick_run(tmp_path_factory) -> Path:
 
 
 def test_run_writes_every_contract_file(quick_run):
-    for rel in ["teacher/model.pt", "teacher/metrics.json", "score/scores.json",
-                "prune/model.pt", "prune/plan.json", "prune/metrics.json",
-                "distill/model.pt", "distill/metrics.json", "slice/model.pt", "slice/plan.json",
-                "slice/metrics.json", "profile/metrics.json", "summary.json",
-                ".hydra/config.yaml", ".hydra/overrides.yaml"]:
+    for rel in [
+        "teacher/model.pt",
+        "teacher/metrics.json",
+        "score/scores.json",
+        "prune/model.pt",
+        "prune/plan.json",
+        "prune/metrics.json",
+        "distill/model.pt",
+        "distill/metrics.json",
+        "slice/model.pt",
+        "slice/plan.json",
+        "slice/metrics.json",
+        "profile/metrics.json",
+        "summary.json",
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+    ]:
         assert (quick_run / rel).is_file(), rel
 
 
@@ -50,7 +72,7 @@ def test_scores_rank_all_resnet18_blocks_with_transitions_protected(quick_run):
     assert {b["name"] for b in blocks if b["protected"]} == {"layer2.0", "layer3.0", "layer4.0"}
     assert sorted(b["rank"] for b in blocks) == list(range(1, 9))
     by_rank = sorted(blocks, key=lambda b: b["rank"])
-    assert all(a["score"] >= b["score"] for a, b in zip(by_rank, by_rank[1:]))
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(by_rank))
 
 
 def test_prune_plan_follows_scores_and_constraints(quick_run):
@@ -91,8 +113,13 @@ def test_rerun_skips_finished_stages(quick_run):
 
 def test_changed_config_in_same_dir_is_refused_without_touching_outputs(quick_run):
     before = (quick_run / "teacher" / "model.pt").read_bytes()
-    proc = run_cli("finetune-teacher", *TINY, "teacher.epochs=3", f"hydra.run.dir={quick_run}",
-                   cwd=quick_run.parent)
+    proc = run_cli(
+        "finetune-teacher",
+        *TINY,
+        "teacher.epochs=3",
+        f"hydra.run.dir={quick_run}",
+        cwd=quick_run.parent,
+    )
     assert proc.returncode == 2
     assert "teacher.epochs: 2 -> 3" in proc.stderr and "force=true" in proc.stderr
     assert (quick_run / "teacher" / "model.pt").read_bytes() == before
@@ -105,10 +132,19 @@ def test_stage_before_prerequisite_names_the_command(tmp_path):
 
 
 def test_profile_bare_architecture_with_keep_cfg(tmp_path):
-    proc = _ok(run_cli("profile", "model=resnet18", "dataset=fake", "dataset.num_classes=10",
-                       "profile.input_size=32", "profile.latency=false",
-                       "prune.keep_cfg={layer1:[0],layer2:[0],layer3:[0],layer4:[0]}",
-                       f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path))
+    proc = _ok(
+        run_cli(
+            "profile",
+            "model=resnet18",
+            "dataset=fake",
+            "dataset.num_classes=10",
+            "profile.input_size=32",
+            "profile.latency=false",
+            "prune.keep_cfg={layer1:[0],layer2:[0],layer3:[0],layer4:[0]}",
+            f"hydra.run.dir={tmp_path / 'p'}",
+            cwd=tmp_path,
+        )
+    )
     m = json.loads((tmp_path / "p" / "profile" / "metrics.json").read_text())
     assert m["mode"] == "architecture"
     assert m["models"]["resnet18"]["params"] == 11_181_642
@@ -119,8 +155,14 @@ def test_profile_bare_architecture_with_keep_cfg(tmp_path):
 
 
 def test_keep_cfg_removing_protected_block_is_refused(tmp_path):
-    proc = run_cli("profile", "dataset=fake", "prune.keep_cfg={layer2:[1]}", "profile.latency=false",
-                   f"hydra.run.dir={tmp_path / 'p'}", cwd=tmp_path)
+    proc = run_cli(
+        "profile",
+        "dataset=fake",
+        "prune.keep_cfg={layer2:[1]}",
+        "profile.latency=false",
+        f"hydra.run.dir={tmp_path / 'p'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "layer2.0" in proc.stderr and "protected" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -129,9 +171,19 @@ def test_keep_cfg_removing_protected_block_is_refused(tmp_path):
 @pytest.mark.slow
 def test_finetune_teacher_on_cifar10_subset(cifar_root, tmp_path):
     run_dir = tmp_path / "c10"
-    _ok(run_cli("finetune-teacher", "dataset=imagefolder", f"dataset.root={cifar_root}",
-                "dataset.limit_train=1000", "dataset.limit_test=500", "teacher.epochs=1",
-                f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path))
+    _ok(
+        run_cli(
+            "finetune-teacher",
+            "dataset=imagefolder",
+            f"dataset.root={cifar_root}",
+            "dataset.limit_train=1000",
+            "dataset.limit_test=500",
+            "teacher.epochs=1",
+            f"hydra.run.dir={run_dir}",
+            f"cache_dir={tmp_path / 'cache'}",
+            cwd=tmp_path,
+        )
+    )
     m = json.loads((run_dir / "teacher" / "metrics.json").read_text())
     assert len(m["epochs"]) == 1
     assert m["top1"] > 10.0 + 3.0  # chance is 10% on the 10 balanced classes

@@ -12,9 +12,14 @@ from m2mdc.distill.repair import FeatureAligner
 
 def outputs(seed=0, n=4, c=5, d=6):
     g = torch.Generator().manual_seed(seed)
-    return KDOutputs(torch.randn(n, c, generator=g), torch.randn(n, c, generator=g),
-                     torch.randn(n, d, generator=g), torch.randn(n, d, generator=g),
-                     torch.randint(0, c, (n,), generator=g), temperature=2.0)
+    return KDOutputs(
+        torch.randn(n, c, generator=g),
+        torch.randn(n, c, generator=g),
+        torch.randn(n, d, generator=g),
+        torch.randn(n, d, generator=g),
+        torch.randint(0, c, (n,), generator=g),
+        temperature=2.0,
+    )
 
 
 @pytest.mark.parametrize("T", [1, 2, 5])
@@ -34,14 +39,16 @@ def test_staged_cosine_loss_is_ce_plus_ramped_alignment():
     for epoch, T in [(1, 5), (3, 5), (5, 5)]:
         a, b = 0.1 * (epoch - 1) / (T - 1), 0.2 * (epoch - 1) / (T - 1)
         loss, logged = combine(terms, o, epoch, T)
-        assert float(loss) == pytest.approx(float(ce + a * cos_l.mean() + b * cos_f.mean()), rel=1e-5)
+        assert float(loss) == pytest.approx(
+            float(ce + a * cos_l.mean() + b * cos_f.mean()), rel=1e-5
+        )
         assert set(logged) == {"ce", "logit_align", "feat_align"}
 
 
 def test_hinton_kl_is_zero_for_identical_logits_and_scaled_by_t_squared():
     o = outputs()
     o.t_logits = o.s_logits.clone()
-    loss, logged = combine(preset_terms("hinton", 1.0, 0.0), o, 2, 2)
+    _, logged = combine(preset_terms("hinton", 1.0, 0.0), o, 2, 2)
     assert float(logged["kl"]) == pytest.approx(0.0, abs=1e-6)
     o2 = outputs(seed=1)
     p_t = F.softmax(o2.t_logits / 2.0, 1)

@@ -12,8 +12,11 @@ from m2mdc.pruning import keep_cfg_from_removals, num_to_remove, select_removals
 
 
 def resnet18_blocks() -> list[BlockRef]:
-    return [BlockRef(f"layer{s}.{i}", f"layer{s}", i, i, s > 1 and i == 0)
-            for s in range(1, 5) for i in range(2)]
+    return [
+        BlockRef(f"layer{s}.{i}", f"layer{s}", i, i, s > 1 and i == 0)
+        for s in range(1, 5)
+        for i in range(2)
+    ]
 
 
 def mobilenet_blocks() -> list[BlockRef]:
@@ -28,7 +31,14 @@ def mobilenet_blocks() -> list[BlockRef]:
 
 def test_k_is_floor_of_ratio_times_free_blocks():
     blocks = resnet18_blocks()  # 5 free blocks
-    assert [num_to_remove(blocks, r) for r in (0.0, 0.1, 0.25, 0.4, 0.5, 0.99)] == [0, 0, 1, 2, 2, 4]
+    assert [num_to_remove(blocks, r) for r in (0.0, 0.1, 0.25, 0.4, 0.5, 0.99)] == [
+        0,
+        0,
+        1,
+        2,
+        2,
+        4,
+    ]
     mb = mobilenet_blocks()  # 10 free blocks
     assert num_to_remove(mb, 0.3) == 3
 
@@ -45,8 +55,11 @@ def test_lowest_scores_go_first_and_protected_are_skipped():
 
 
 @settings(max_examples=200, deadline=None)
-@given(scores=st.lists(st.floats(-5, 5, allow_nan=False), min_size=17, max_size=17),
-       ratio=st.floats(0, 0.999), family=st.sampled_from(["resnet18", "mobilenet_v2"]))
+@given(
+    scores=st.lists(st.floats(-5, 5, allow_nan=False), min_size=17, max_size=17),
+    ratio=st.floats(0, 0.999),
+    family=st.sampled_from(["resnet18", "mobilenet_v2"]),
+)
 def test_pruning_respects_the_constraints(scores, ratio, family):
     blocks = resnet18_blocks() if family == "resnet18" else mobilenet_blocks()
     s = {b.name: scores[i] for i, b in enumerate(blocks)}
@@ -64,5 +77,9 @@ def test_pruning_respects_the_constraints(scores, ratio, family):
             if b not in removed and s[b.name] < top_removed:
                 assert keep[b.stage] == [b.orig_index]
     # and as many blocks as asked are removed whenever the constraints allow it
-    removable = sum(sum(not b.protected for b in blocks if b.stage == g) - (all(not b.protected for b in blocks if b.stage == g)) for g in keep)
+    removable = sum(
+        sum(not b.protected for b in blocks if b.stage == g)
+        - (all(not b.protected for b in blocks if b.stage == g))
+        for g in keep
+    )
     assert len(removed) == min(num_to_remove(blocks, ratio), removable)

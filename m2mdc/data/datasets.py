@@ -112,10 +112,16 @@ def _cifar(name: str, split: str, root: str, download: bool) -> ImageData:
 
 def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if not split_dir.is_dir():
-        raise M2MError(f"dataset.root: {split_dir} does not exist (imagefolder needs root/train and root/test)")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise M2MError(
+            f"dataset.root: {split_dir} does not exist (imagefolder needs root/train and root/test)"
+        )
+    classes = sorted(
+        p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if not classes:
-        raise M2MError(f"dataset.root: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)")
+        raise M2MError(
+            f"dataset.root: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)"
+        )
     files = [
         (f, i)
         for i, c in enumerate(classes)
@@ -137,12 +143,24 @@ def _decode(path: Path, size: int | None) -> torch.Tensor:
         raise M2MError(f"dataset.root: cannot decode image {path}: {exc}") from None
     img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if size is not None and tuple(img.shape[1:]) != (size, size):
-        img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear",
-                            antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
+        img = (
+            F.interpolate(
+                img[None].float(),
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .byte()
+        )
     return img
 
 
-def _image_folder(split: str, root: str, image_size: int, workers: int, cache_dir: str | None) -> ImageData:
+def _image_folder(
+    split: str, root: str, image_size: int, workers: int, cache_dir: str | None
+) -> ImageData:
     classes, files = _list_image_folder(Path(root) / split)
     from PIL import Image
 
@@ -152,7 +170,14 @@ def _image_folder(split: str, root: str, image_size: int, workers: int, cache_di
     # brought to image_size once at decode time so they can be stacked.
     size = None if all_same_size(files, (w, h)) else image_size
     key = hashlib.sha256(
-        repr((str(Path(root).resolve()), split, size, [(str(f), f.stat().st_mtime_ns) for f, _ in files])).encode()
+        repr(
+            (
+                str(Path(root).resolve()),
+                split,
+                size,
+                [(str(f), f.stat().st_mtime_ns) for f, _ in files],
+            )
+        ).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) / "decoded" / f"imagefolder-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -200,9 +225,13 @@ def load_split(ds: Any, split: str, cache_dir: str | None = None) -> ImageData:
         n = ds.fake_train_size if split == "train" else ds.fake_test_size
         data = _fake(split, ds.num_classes or 10, n, ds.image_size)
     else:  # validated by the schema; kept for direct library callers
-        raise M2MError(f"dataset={name} is not valid; choose one of: digits, cifar10, cifar100, imagefolder, fake")
+        raise M2MError(
+            f"dataset={name} is not valid; "
+            "choose one of: digits, cifar10, cifar100, imagefolder, fake"
+        )
     if ds.num_classes is not None and name != "fake" and ds.num_classes != data.num_classes:
         raise M2MError(
-            f"dataset.num_classes={ds.num_classes} but dataset={name} has {data.num_classes} classes"
+            f"dataset.num_classes={ds.num_classes} but dataset={name} "
+            f"has {data.num_classes} classes"
         )
     return limit(data, ds.limit_train if split == "train" else ds.limit_test)

@@ -28,8 +28,9 @@ def preprocess(
     x = images.float().div_(255.0)
     if x.shape[-2:] != (image_size, image_size):
         down = x.shape[-1] > image_size or x.shape[-2] > image_size
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
-                          align_corners=False, antialias=down)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
+        )
     if flip is not None and bool(flip.any()):
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -91,7 +92,11 @@ class Batches:
         idx = idx.to(self.device)
         for start in range(0, n, self.batch_size):
             b = idx[start : start + self.batch_size]
-            flip = flips[start : start + self.batch_size].to(self.device) if flips is not None else None
+            flip = (
+                flips[start : start + self.batch_size].to(self.device)
+                if flips is not None
+                else None
+            )
             yield preprocess(self.images[b], self.image_size, flip), self.labels[b]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -64,8 +64,12 @@ def feature_cosine(o: KDOutputs) -> torch.Tensor:
 def kl(o: KDOutputs) -> torch.Tensor:
     """Hinton et al.: T^2 KL(softmax(z_t / T) || softmax(z_s / T)), batch mean."""
     t = o.temperature
-    return F.kl_div(F.log_softmax(o.s_logits / t, dim=1), F.log_softmax(o.t_logits / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    return F.kl_div(
+        F.log_softmax(o.s_logits / t, dim=1),
+        F.log_softmax(o.t_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
 
 
 def ramp(epoch: int, epochs: int, peak: float) -> float:
@@ -91,9 +95,11 @@ class Term:
 def preset_terms(name: str, alpha: float, beta: float) -> list[Term]:
     """The terms of a ``kd`` preset."""
     if name == "staged_cosine":
-        return [Term("ce", 1.0, ramped=False),
-                Term("logit_cosine", alpha, log_as="logit_align"),
-                Term("feature_cosine", beta, log_as="feat_align")]
+        return [
+            Term("ce", 1.0, ramped=False),
+            Term("logit_cosine", alpha, log_as="logit_align"),
+            Term("feature_cosine", beta, log_as="feat_align"),
+        ]
     if name == "hinton":
         return [Term("ce", 1.0, ramped=False), Term("kl", alpha, log_as="kl")]
     from m2mdc.errors import M2MError
@@ -101,7 +107,9 @@ def preset_terms(name: str, alpha: float, beta: float) -> list[Term]:
     raise M2MError(f"kd={name} is not valid; choose one of: staged_cosine, hinton")
 
 
-def combine(terms: list[Term], outputs: KDOutputs, epoch: int, epochs: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def combine(
+    terms: list[Term], outputs: KDOutputs, epoch: int, epochs: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the terms at ``epoch``, and each unweighted term for logging.
 
     Terms whose weight is 0 this epoch are still computed for logging (cheap, no gradient

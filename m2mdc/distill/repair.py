@@ -28,17 +28,29 @@ class FeatureAligner(nn.Module):
     features to the teacher's width (trained with the student).
     """
 
-    def __init__(self, s_dim: int, t_dim: int, mode: str = "kept_channels",
-                 index: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        mode: str = "kept_channels",
+        index: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         self.mode = "identity" if s_dim == t_dim else mode
         self.proj: nn.Module | None = None
         if self.mode == "projection":
             self.proj = nn.Linear(s_dim, t_dim, bias=False)
-        self.register_buffer("index", torch.as_tensor(list(index) if index is not None else [], dtype=torch.long),
-                             persistent=False)
-        if self.mode == "kept_channels" and len(self.index) != s_dim:
-            raise ValueError(f"kept_channels feature alignment needs {s_dim} teacher indices, got {len(self.index)}")
+        self.index: torch.Tensor
+        self.register_buffer(
+            "index",
+            torch.as_tensor(list(index) if index is not None else [], dtype=torch.long),
+            persistent=False,
+        )
+        if self.mode == "kept_channels" and self.index.numel() != s_dim:
+            raise ValueError(
+                f"kept_channels feature alignment needs {s_dim} teacher indices, "
+                f"got {self.index.numel()}"
+            )
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "kept_channels":
@@ -91,11 +103,24 @@ def kd_repair(
         info = {}
         for t in terms:
             if t.ramped:
-                key = {"logit_align": "alpha", "feat_align": "beta", "kl": "alpha"}.get(t.log_as or "", f"w_{t.name}")
+                key = {"logit_align": "alpha", "feat_align": "beta", "kl": "alpha"}.get(
+                    t.log_as or "", f"w_{t.name}"
+                )
                 info[key] = t.weight_at(epoch, epochs)
         return info
 
     params = list(student.parameters()) + list(aligner.parameters())
-    return fit(student, params, train, test, epochs=epochs, lr=lr, grad_clip=grad_clip,
-               loss_fn=loss_fn, state_path=state_path, fingerprint=fingerprint, desc=desc,
-               epoch_info=epoch_info)
+    return fit(
+        student,
+        params,
+        train,
+        test,
+        epochs=epochs,
+        lr=lr,
+        grad_clip=grad_clip,
+        loss_fn=loss_fn,
+        state_path=state_path,
+        fingerprint=fingerprint,
+        desc=desc,
+        epoch_info=epoch_info,
+    )

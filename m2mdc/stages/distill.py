@@ -23,11 +23,21 @@ def run(ctx: Context) -> dict[str, Any]:
     student = ctx.load_model("prune")
     start = read_json(ctx.run_dir / "prune" / "metrics.json")["top1"]
     terms = preset_terms(kd.name, float(kd.alpha), float(kd.beta))
-    result = kd_repair(student, teacher, ctx.train_batches(), ctx.test_batches(), terms=terms,
-                       epochs=int(kd.epochs), lr=float(kd.lr), grad_clip=float(kd.grad_clip),
-                       temperature=float(kd.temperature), state_path=out / "state.pt",
-                       fingerprint=ctx.fingerprint("distill"), desc="distill",
-                       feature_match=str(kd.feature_match))
+    result = kd_repair(
+        student,
+        teacher,
+        ctx.train_batches(),
+        ctx.test_batches(),
+        terms=terms,
+        epochs=int(kd.epochs),
+        lr=float(kd.lr),
+        grad_clip=float(kd.grad_clip),
+        temperature=float(kd.temperature),
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint("distill"),
+        desc="distill",
+        feature_match=str(kd.feature_match),
+    )
     final = result.history[-1]["test_top1"] if result.history else start
     metrics = {
         "top1": final,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_checkpoint
 from m2mdc.arch.zoo import create_model
+from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_checkpoint
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.train.loop import evaluate, fit
 from m2mdc.ui import log
@@ -48,14 +48,25 @@ def initial_teacher(ctx: Context) -> tuple[nn.Module, str]:
         path = cfg.teacher.checkpoint
         obj = safe_torch_load(path)
         if isinstance(obj, dict) and "arch" in obj:
-            model, _ = load_checkpoint(path, expect_model=cfg.model.name, expect_classes=ctx.num_classes)
+            model, _ = load_checkpoint(
+                path, expect_model=cfg.model.name, expect_classes=ctx.num_classes
+            )
         else:  # a plain torchvision state_dict
             model = create_model(cfg.model.name, ctx.num_classes, weights_path=path)
         return model, f"teacher.checkpoint={path}"
-    model = create_model(cfg.model.name, ctx.num_classes, pretrained=cfg.model.pretrained,
-                         weights_path=cfg.model.weights)
-    source = ("ImageNet weights" if cfg.model.pretrained
-              else f"model.weights={cfg.model.weights}" if cfg.model.weights else "random init")
+    model = create_model(
+        cfg.model.name,
+        ctx.num_classes,
+        pretrained=cfg.model.pretrained,
+        weights_path=cfg.model.weights,
+    )
+    source = (
+        "ImageNet weights"
+        if cfg.model.pretrained
+        else f"model.weights={cfg.model.weights}"
+        if cfg.model.weights
+        else "random init"
+    )
     return model, source
 
 
@@ -66,23 +77,41 @@ def run(ctx: Context) -> dict[str, Any]:
     model.to(ctx.device)
     test = ctx.test_batches()
     epochs = 0 if cfg.teacher.checkpoint else int(cfg.teacher.epochs)
-    if cfg.teacher.unfreeze == "last_third" and not cfg.model.pretrained and not cfg.model.weights \
-            and not cfg.teacher.checkpoint and epochs:
-        log.warning("teacher: training from random init with teacher.unfreeze=last_third leaves "
-                    "two thirds of the network random; teacher.unfreeze=all is usual from scratch")
+    if (
+        cfg.teacher.unfreeze == "last_third"
+        and not cfg.model.pretrained
+        and not cfg.model.weights
+        and not cfg.teacher.checkpoint
+        and epochs
+    ):
+        log.warning(
+            "teacher: training from random init with teacher.unfreeze=last_third leaves "
+            "two thirds of the network random; teacher.unfreeze=all is usual from scratch"
+        )
     trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
-    log.info(f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters, "
-             f"{epochs} epochs")
+    log.info(
+        f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters, "
+        f"{epochs} epochs"
+    )
 
-    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):  # noqa: ARG001
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
         logits = m(x)
         loss = F.cross_entropy(logits, y)
         return loss, logits, {"ce": loss}
 
-    result = fit(model, model.parameters(), ctx.train_batches(), test, epochs=epochs,
-                 lr=cfg.teacher.lr, grad_clip=cfg.teacher.grad_clip, loss_fn=loss_fn,
-                 state_path=out / "state.pt", fingerprint=ctx.fingerprint("teacher"),
-                 desc="teacher")
+    result = fit(
+        model,
+        model.parameters(),
+        ctx.train_batches(),
+        test,
+        epochs=epochs,
+        lr=cfg.teacher.lr,
+        grad_clip=cfg.teacher.grad_clip,
+        loss_fn=loss_fn,
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint("teacher"),
+        desc="teacher",
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     final = result.history[-1]["test_top1"] if result.history else evaluate(model, test)["top1"]
@@ -96,8 +125,11 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_checkpoint(out / "model.pt", model.cpu(), {"stage": "teacher", "top1": final,
-                                                     "seed": int(cfg.seed), "source": source})
+    save_checkpoint(
+        out / "model.pt",
+        model.cpu(),
+        {"stage": "teacher", "top1": final, "seed": int(cfg.seed), "source": source},
+    )
     from m2mdc.artifacts import atomic_write_json
 
     atomic_write_json(out / "metrics.json", metrics)
@@ -106,5 +138,12 @@ def run(ctx: Context) -> dict[str, Any]:
     return metrics
 
 
-register_stage(Stage(name="teacher", command="finetune-teacher", requires=(),
-                     keys=("model", "dataset", "teacher", "seed"), run=run))
+register_stage(
+    Stage(
+        name="teacher",
+        command="finetune-teacher",
+        requires=(),
+        keys=("model", "dataset", "teacher", "seed"),
+        run=run,
+    )
+)

@@ -65,8 +65,10 @@ def run(ctx: Context) -> dict[str, Any]:
     save_checkpoint(out / "model.pt", student.cpu(), {"stage": "prune", "keep_cfg": keep})
     atomic_write_json(out / "plan.json", plan)
     atomic_write_json(out / "metrics.json", metrics)
-    log.info(f"prune: removed {plan['removed'] or 'nothing'}; top1 {before:.2f}% -> {after:.2f}% "
-             f"after BN recalibration ({used} batches); teacher {teacher_top1:.2f}%")
+    log.info(
+        f"prune: removed {plan['removed'] or 'nothing'}; top1 {before:.2f}% -> {after:.2f}% "
+        f"after BN recalibration ({used} batches); teacher {teacher_top1:.2f}%"
+    )
     return metrics
 
 

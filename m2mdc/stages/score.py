@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from m2mdc.arch import get_adapter
 from m2mdc.artifacts import atomic_write_json
 from m2mdc.data.datasets import class_interleaved_order
@@ -27,8 +26,13 @@ def probe_batches(ctx: Context) -> Batches:
     train = ctx.data("train")
     n = min(int(cfg.score.probe_samples), len(train))
     order = class_interleaved_order(train.labels, seed=int(cfg.seed))[:n]
-    return Batches(train, int(cfg.score.probe_batch_size), int(cfg.dataset.image_size),
-                   device=ctx.device, order=order)
+    return Batches(
+        train,
+        int(cfg.score.probe_batch_size),
+        int(cfg.dataset.image_size),
+        device=ctx.device,
+        order=order,
+    )
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -38,27 +42,58 @@ def run(ctx: Context) -> dict[str, Any]:
     blocks = adapter.blocks(teacher)
     probe = probe_batches(ctx)
     modules = {b.name: adapter.block_module(teacher, b.name) for b in blocks}
-    scores = score_blocks(teacher, modules, cfg.score.method, probe, probe.num_examples,
-                          bins=int(cfg.score.bins), seed=int(cfg.seed))
+    scores = score_blocks(
+        teacher,
+        modules,
+        cfg.score.method,
+        probe,
+        probe.num_examples,
+        bins=int(cfg.score.bins),
+        seed=int(cfg.seed),
+    )
     ranks = rank(scores)
     # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
     stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
     pooled, labels = collect_pooled(teacher, stage_out, probe.epoch(0), probe.num_examples)
-    channels = {s: binned_mi(z, labels, bins=int(cfg.score.bins), num_classes=ctx.num_classes).tolist()
-                for s, z in pooled.items()}
-    rows = [{"name": b.name, "stage": b.stage, "protected": b.protected,
-             "score": float(scores[b.name]), "rank": ranks[b.name]} for b in blocks]
-    result = {"method": cfg.score.method, "bins": int(cfg.score.bins),
-              "probe_samples": probe.num_examples, "blocks": rows,
-              "stage_channel_mi": channels, "units": "nats" if cfg.score.method == "mi" else None}
+    channels = {
+        s: binned_mi(z, labels, bins=int(cfg.score.bins), num_classes=ctx.num_classes).tolist()
+        for s, z in pooled.items()
+    }
+    rows = [
+        {
+            "name": b.name,
+            "stage": b.stage,
+            "protected": b.protected,
+            "score": float(scores[b.name]),
+            "rank": ranks[b.name],
+        }
+        for b in blocks
+    ]
+    result = {
+        "method": cfg.score.method,
+        "bins": int(cfg.score.bins),
+        "probe_samples": probe.num_examples,
+        "blocks": rows,
+        "stage_channel_mi": channels,
+        "units": "nats" if cfg.score.method == "mi" else None,
+    }
     atomic_write_json(ctx.stage_dir("score") / "scores.json", result)
-    atomic_write_json(ctx.stage_dir("score") / "metrics.json",
-                      {"method": cfg.score.method, "probe_samples": probe.num_examples,
-                       "num_blocks": len(rows)})
-    console.print(table(f"block scores ({cfg.score.method}, {probe.num_examples} probe samples)",
-                        ["name", "stage", "protected", "score", "rank"], rows))
-    log.info(f"score: ranked {len(rows)} blocks; lowest {min(rows, key=lambda r: r['score'])['name']}")
+    atomic_write_json(
+        ctx.stage_dir("score") / "metrics.json",
+        {"method": cfg.score.method, "probe_samples": probe.num_examples, "num_blocks": len(rows)},
+    )
+    console.print(
+        table(
+            f"block scores ({cfg.score.method}, {probe.num_examples} probe samples)",
+            ["name", "stage", "protected", "score", "rank"],
+            rows,
+        )
+    )
+    lowest = min(blocks, key=lambda b: scores[b.name]).name
+    log.info(f"score: ranked {len(rows)} blocks; lowest {lowest}")
     return result
 
 
-register_stage(Stage(name="score", command="score", requires=("teacher",), keys=("score",), run=run))
+register_stage(
+    Stage(name="score", command="score", requires=("teacher",), keys=("score",), run=run)
+)

@@ -27,7 +27,12 @@ from m2mdc.stages.score import probe_batches
 from m2mdc.train.loop import evaluate, recalibrate_bn
 from m2mdc.ui import log
 
-POLICIES = {"planes_mid": (True, True), "planes": (True, False), "mid": (False, True), "none": (False, False)}
+POLICIES = {
+    "planes_mid": (True, True),
+    "planes": (True, False),
+    "mid": (False, True),
+    "none": (False, False),
+}
 
 
 def fraction(value: Any, stage: str, key: str) -> float:
@@ -36,21 +41,32 @@ def fraction(value: Any, stage: str, key: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise M2MError(f"{key} must be a number in (0, 1] or a mapping stage -> number; got {v!r}") from None
+        raise M2MError(
+            f"{key} must be a number in (0, 1] or a mapping stage -> number; got {v!r}"
+        ) from None
     if not 0 < f <= 1:
         raise M2MError(f"{key}={f} for {stage} is out of range; allowed: > 0 and <= 1")
     return f
 
 
-def _select(ctx: Context, model: nn.Module, module: nn.Module, producers: list, k: int) -> list[int]:
+def _select(
+    ctx: Context, model: nn.Module, module: nn.Module, producers: list, k: int
+) -> list[int]:
     cfg = ctx.cfg.slice
     pooled = labels = None
     if SELECTORS.get(cfg.selector).needs_activations:
         probe = probe_batches(ctx)
         acts, labels = collect_pooled(model, {"m": module}, probe.epoch(0), probe.num_examples)
         pooled = acts["m"]
-    return select_channels(cfg.selector, producers, k, pooled=pooled, labels=labels,
-                           seed=int(ctx.cfg.seed), bins=int(ctx.cfg.score.bins))
+    return select_channels(
+        cfg.selector,
+        producers,
+        k,
+        pooled=pooled,
+        labels=labels,
+        seed=int(ctx.cfg.seed),
+        bins=int(ctx.cfg.score.bins),
+    )
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -68,16 +84,24 @@ def run(ctx: Context) -> dict[str, Any]:
     start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
     steps: list[dict[str, Any]] = []
     plan_steps: list[dict[str, Any]] = []
-    stages = adapter.plane_stages(student, include_first=bool(sc.include_first_stage)) if (do_planes or do_mid) else []
+    stages = (
+        adapter.plane_stages(student, include_first=bool(sc.include_first_stage))
+        if (do_planes or do_mid)
+        else []
+    )
     for n, stage in enumerate(stages, start=1):
         planes: dict[str, list[int]] = {}
         mids: dict[str, list[int]] = {}
         if do_planes:
             producers = adapter.plane_producers(student, stage)
             c = producers[0][0].out_channels
-            k = round_keep(c, fraction(sc.planes_keep, stage, "slice.planes_keep"), int(sc.round_to))
+            k = round_keep(
+                c, fraction(sc.planes_keep, stage, "slice.planes_keep"), int(sc.round_to)
+            )
             if k < c:
-                planes[stage] = _select(ctx, student, adapter.stage_output(student, stage), producers, k)
+                planes[stage] = _select(
+                    ctx, student, adapter.stage_output(student, stage), producers, k
+                )
         if do_mid:
             for b in adapter.blocks(student):
                 if b.stage != stage:
@@ -96,34 +120,74 @@ def run(ctx: Context) -> dict[str, Any]:
         if adapter.classifier(student).in_features != s_dim:  # the last planes feed the head
             feat_index = [feat_index[i] for i in planes[stage]]
         student.to(ctx.device)
-        row: dict[str, Any] = {"step": n, "stage": stage, "top1_sliced": evaluate(student, test)["top1"]}
+        row: dict[str, Any] = {
+            "step": n,
+            "stage": stage,
+            "top1_sliced": evaluate(student, test)["top1"],
+        }
         row["bn_recal_batches"] = recalibrate_bn(student, train, int(cfg.prune.bn_recal_batches))
         row["top1_recal"] = evaluate(student, test)["top1"]
-        result = kd_repair(student, teacher, train, test, terms=terms, epochs=int(sc.repair_epochs),
-                           lr=float(cfg.kd.lr), grad_clip=float(cfg.kd.grad_clip),
-                           temperature=float(cfg.kd.temperature), state_path=out / f"state-{n}.pt",
-                           fingerprint=f"{ctx.fingerprint('slice')}-{n}", desc=f"slice {stage}",
-                           feature_index=feat_index, feature_match=str(cfg.kd.feature_match))
+        result = kd_repair(
+            student,
+            teacher,
+            train,
+            test,
+            terms=terms,
+            epochs=int(sc.repair_epochs),
+            lr=float(cfg.kd.lr),
+            grad_clip=float(cfg.kd.grad_clip),
+            temperature=float(cfg.kd.temperature),
+            state_path=out / f"state-{n}.pt",
+            fingerprint=f"{ctx.fingerprint('slice')}-{n}",
+            desc=f"slice {stage}",
+            feature_index=feat_index,
+            feature_match=str(cfg.kd.feature_match),
+        )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
-        row["top1_repaired"] = result.history[-1]["test_top1"] if result.history else row["top1_recal"]
+        row["top1_repaired"] = (
+            result.history[-1]["test_top1"] if result.history else row["top1_recal"]
+        )
         row["repair"] = result.history
-        row.update({"params": count_params(student), **count_macs(student, size),
-                    "planes": {s: len(v) for s, v in planes.items()},
-                    "mid": {b: len(v) for b, v in mids.items()}})
+        row.update(
+            {
+                "params": count_params(student),
+                **count_macs(student, size),
+                "planes": {s: len(v) for s, v in planes.items()},
+                "mid": {b: len(v) for b, v in mids.items()},
+            }
+        )
         steps.append(row)
         plan_steps.append({"step": n, "stage": stage, "planes": planes, "mid": mids})
-        log.info(f"slice {stage}: top1 {row['top1_sliced']:.2f}% sliced, {row['top1_recal']:.2f}% "
-                 f"after BN recal, {row['top1_repaired']:.2f}% after repair; MACs {row['macs']:,}")
+        log.info(
+            f"slice {stage}: top1 {row['top1_sliced']:.2f}% sliced, {row['top1_recal']:.2f}% "
+            f"after BN recal, {row['top1_repaired']:.2f}% after repair; MACs {row['macs']:,}"
+        )
     final = steps[-1]["top1_repaired"] if steps else start_top1
-    metrics = {"top1": final, "top1_start": start_top1, "policy": sc.name, "selector": sc.selector,
-               "steps": steps, "params": count_params(student), **count_macs(student, size),
-               "input_size": size}
+    metrics = {
+        "top1": final,
+        "top1_start": start_top1,
+        "policy": sc.name,
+        "selector": sc.selector,
+        "steps": steps,
+        "params": count_params(student),
+        **count_macs(student, size),
+        "input_size": size,
+    }
     save_checkpoint(out / "model.pt", student.cpu(), {"stage": "slice", "top1": final})
-    atomic_write_json(out / "plan.json", {"policy": sc.name, "selector": sc.selector,
-                                          "steps": plan_steps, "widths": adapter.widths(student),
-                                          "feature_index": feat_index})
+    atomic_write_json(
+        out / "plan.json",
+        {
+            "policy": sc.name,
+            "selector": sc.selector,
+            "steps": plan_steps,
+            "widths": adapter.widths(student),
+            "feature_index": feat_index,
+        },
+    )
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
-register_stage(Stage(name="slice", command="slice", requires=("distill",), keys=("slice",), run=run))
+register_stage(
+    Stage(name="slice", command="slice", requires=("distill",), keys=("slice",), run=run)
+)

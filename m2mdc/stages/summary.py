@@ -15,8 +15,12 @@ def write_summary(ctx: Context) -> dict[str, Any]:
     """Collect top1 (from each stage's metrics) and the profile into ``<run>/summary.json``."""
     prof = read_json(ctx.run_dir / "profile" / "metrics.json")["models"]
     rows: list[dict[str, Any]] = []
-    stage_of = {"teacher": "teacher", "block_pruned": "prune", "block_kd": "distill",
-                "inner_slice": "slice"}
+    stage_of = {
+        "teacher": "teacher",
+        "block_pruned": "prune",
+        "block_kd": "distill",
+        "inner_slice": "slice",
+    }
     for name, p in prof.items():
         stage = stage_of.get(name)
         if stage is None:
@@ -42,7 +46,15 @@ def write_summary(ctx: Context) -> dict[str, Any]:
         "prune_ratio": float(ctx.cfg.prune.ratio),
     }
     atomic_write_json(ctx.run_dir / "summary.json", summary)
-    cols = ["model", "top1", "top1_delta", "params", "params_reduction_pct", "macs",
-            "macs_reduction_pct", "latency_ms"]
+    cols = [
+        "model",
+        "top1",
+        "top1_delta",
+        "params",
+        "params_reduction_pct",
+        "macs",
+        "macs_reduction_pct",
+        "latency_ms",
+    ]
     console.print(table(f"summary: {ctx.run_dir}", cols, rows))
     return summary

@@ -26,7 +26,10 @@ from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.ui import log, progress
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, int],
+    tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]],
+]
 """(model, x, y, epoch) -> (loss, logits, named loss terms to log); epochs count from 1."""
 
 LOG_EVERY = 20  # steps between host synchronisations for the progress display
@@ -172,7 +175,10 @@ def fit(
                 loss_sum += d.double() * bs
                 correct += (logits.detach().argmax(1) == y).sum()
                 for k, v in terms.items():
-                    totals[k] = totals.get(k, torch.zeros((), device=device, dtype=torch.float64)) + v.detach().double() * bs
+                    totals[k] = (
+                        totals.get(k, torch.zeros((), device=device, dtype=torch.float64))
+                        + v.detach().double() * bs
+                    )
                 if (step + 1) % LOG_EVERY == 0 or step + 1 == len(train):
                     if int(bad_step) >= 0:
                         raise M2MError(
@@ -180,11 +186,18 @@ def fit(
                             f"stopped, the last good state is in {state_path.parent} "
                             "(lower the learning rate or check the data)"
                         )
-                    bar.update(batch_task, completed=step + 1,
-                               info=f"loss {float(loss_sum) / seen:.4f} acc {100 * float(correct) / seen:.1f}%")
+                    bar.update(
+                        batch_task,
+                        completed=step + 1,
+                        info=f"loss {float(loss_sum) / seen:.4f} "
+                        f"acc {100 * float(correct) / seen:.1f}%",
+                    )
             bar.remove_task(batch_task)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
-                                   "train_top1": 100.0 * float(correct) / seen}
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": float(loss_sum) / seen,
+                "train_top1": 100.0 * float(correct) / seen,
+            }
             row.update({k: float(v) / seen for k, v in totals.items()})
             if epoch_info is not None:
                 row.update(epoch_info(epoch))
@@ -192,13 +205,20 @@ def fit(
             row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
             result.history.append(row)
             torch_save_atomic(
-                {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "history": result.history,
-                 "rng": {"torch": torch.get_rng_state()}},
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "history": result.history,
+                    "rng": {"torch": torch.get_rng_state()},
+                },
                 state_path,
             )
             bar.update(ep_task, completed=epoch, info=f"test top1 {ev['top1']:.2f}%")
-            log.info(f"{desc}: epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} "
-                     f"train top1 {row['train_top1']:.2f}% test top1 {ev['top1']:.2f}%")
+            log.info(
+                f"{desc}: epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} "
+                f"train top1 {row['train_top1']:.2f}% test top1 {ev['top1']:.2f}%"
+            )
     result.seconds = time.perf_counter() - t0
     return result
