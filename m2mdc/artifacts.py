@@ -139,8 +139,10 @@ def load_checkpoint(
         (model in eval mode on CPU, meta dict).
     """
     from m2mdc.arch import get_adapter
+    from m2mdc.manifest import verify
 
     obj = safe_torch_load(path)
+    verify(Path(path))
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "arch" not in obj:
         raise M2MError(
             f"{path} is not an m2mdc checkpoint "

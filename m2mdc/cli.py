@@ -24,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "distill": "staged KD repair of the pruned student against the teacher",
     "slice": "progressive residual-safe channel slicing (planes, mid) with KD repair",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
+    "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
+    "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
 }
 
 # Hydra flags that take a value (so the value is not mistaken for an override).
@@ -132,7 +134,24 @@ def explain(exc: BaseException, base_cfg: object | None = None) -> str:
     return f"{full_key}: {detail}" if full_key else detail
 
 
-def _compose_jobs(overrides: list[str]) -> None:
+def check_writable(key: str, directory: str) -> None:
+    """Fail early when ``directory`` cannot be created or written (nothing is left behind)."""
+    import tempfile
+
+    p = Path(directory).expanduser().absolute()
+    ancestor = p
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise M2MError(f"{key}={directory}: cannot create it, {ancestor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise M2MError(f"{key}={directory}: not writable ({exc.strerror or exc})") from None
+
+
+def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
     """Compose and validate every job a (possibly sweeping) override list describes."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -157,6 +176,13 @@ def _compose_jobs(overrides: list[str]) -> None:
                 validate(compose("config", overrides=list(job)))
             except Exception as exc:
                 raise M2MError(explain(exc, base)) from None
+        own = [o.input_line for o in parsed if o not in user and o.input_line]
+        try:
+            hcfg = compose("config", overrides=[*jobs[0], *own], return_hydra_config=True).hydra
+        except Exception as exc:
+            raise M2MError(explain(exc, base)) from None
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        check_writable(key, str(hcfg.sweep.dir if multirun else hcfg.run.dir))
     GlobalHydra.instance().clear()
 
 
@@ -178,9 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f" (did you mean '{hint[0]}'?)" if hint else "")
                 + f"; commands: {', '.join(COMMANDS)}"
             )
+        if command == "report":  # argparse, not Hydra: its M2MErrors are printed below
+            from m2mdc.report import main as report_main
+
+            return report_main(rest)
         overrides, flags = split_overrides(rest)
         if not any(f in _INFO_FLAGS for f in flags):
-            _compose_jobs(overrides)
+            _compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
     except M2MError as exc:
         print(f"m2mdc: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -111,6 +111,13 @@ class ProfileConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str = _f("torchscript", choices=("torchscript", "onnx", "torch_export"))
+    batch_size: int = _f(4, gt=0)
+    atol: float = _f(1e-4, gt=0)
+
+
+@dataclass
 class Config:
     command: str = "run"
     experiment_name: str = "default"
@@ -122,6 +129,7 @@ class Config:
     kd: KDConfig = field(default_factory=KDConfig)
     slice: SliceConfig = field(default_factory=SliceConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
     cache_dir: str = "outputs/cache"

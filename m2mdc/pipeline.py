@@ -29,6 +29,7 @@ from m2mdc.config import to_plain, validate
 from m2mdc.data.datasets import ImageData, load_split
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
+from m2mdc.manifest import record_stage
 from m2mdc.train.loop import resolve_device, seed_everything
 from m2mdc.ui import log
 
@@ -203,6 +204,7 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
             "torch_version": torch.__version__,
         },
     )
+    record_stage(ctx.run_dir, name, ctx.cfg)
     log.info(f"[{name}] done in {seconds:.1f}s")
     return metrics
 
@@ -220,7 +222,9 @@ def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for name in PIPELINE:
             if name in STAGES:
                 execute(ctx, name)
-        return write_summary(ctx)
+        summary = write_summary(ctx)
+        record_stage(ctx.run_dir, "summary", cfg)
+        return summary
     by_command = {s.command: s.name for s in STAGES.values()}
     return execute(ctx, by_command[command])
 

@@ -189,3 +189,107 @@ def test_finetune_teacher_on_cifar10_subset(cifar_root, tmp_path):
     assert m["top1"] > 10.0 + 3.0  # chance is 10% on the 10 balanced classes
     model, _ = load_checkpoint(run_dir / "teacher" / "model.pt", expect_classes=10)
     assert isinstance(model(torch.zeros(1, 3, 32, 32)), torch.Tensor)
+
+
+def _top1s(run_dir: Path) -> dict[str, float]:
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {r["model"]: r["top1"] for r in s["rows"]}
+
+
+def test_sigkill_during_distill_then_rerun_gives_identical_results(quick_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "killed"
+    exe = Path(sys.executable).parent / "m2mdc"
+    args = [str(exe), "run", *TINY, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    state = run_dir / "distill" / "state.pt"
+    deadline = time.time() + 600
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.is_file(), "distill never saved a state"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "distill" / "done.json").exists()
+    resumed = _ok(run_cli("run", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path))
+    assert "distill: resuming after epoch 1" in resumed.stdout
+    assert _top1s(run_dir) == _top1s(quick_run)
+    d1 = json.loads((run_dir / "distill" / "metrics.json").read_text())["epochs"]
+    d0 = json.loads((quick_run / "distill" / "metrics.json").read_text())["epochs"]
+    assert d1 == d0
+
+
+def test_manifest_records_hashes_and_tampering_is_refused(quick_run, tmp_path):
+    import hashlib
+    import shutil
+
+    manifest = json.loads((quick_run / "manifest.json").read_text())
+    entry = manifest["artifacts"]["teacher/model.pt"]
+    digest = hashlib.sha256((quick_run / "teacher" / "model.pt").read_bytes()).hexdigest()
+    assert entry["sha256"] == digest
+    assert manifest["packages"]["torch"] and "git_commit" in manifest
+    assert "summary.json" in manifest["artifacts"]
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy)
+    (copy / "profile" / "done.json").unlink()
+    blob = bytearray((copy / "teacher" / "model.pt").read_bytes())
+    blob[-100] ^= 0xFF
+    (copy / "teacher" / "model.pt").write_bytes(bytes(blob))
+    proc = run_cli("profile", *TINY, f"hydra.run.dir={copy}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "changed after it was written" in proc.stderr
+
+
+def test_export_torchscript_with_parity(quick_run, tmp_path):
+    out = tmp_path / "exp"
+    _ok(
+        run_cli(
+            "export",
+            f"checkpoint={quick_run / 'slice' / 'model.pt'}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+        )
+    )
+    m = json.loads((out / "export" / "metrics.json").read_text())
+    assert m["format"] == "torchscript" and m["max_abs_diff"] <= m["atol"]
+    ts = torch.jit.load(str(out / "export" / "model.ts.pt"))
+    model, _ = load_checkpoint(quick_run / "slice" / "model.pt")
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(ts(x), model(x), atol=1e-5)
+
+
+def test_export_onnx_with_parity(quick_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx"
+    ckpt = quick_run / "slice" / "model.pt"
+    _ok(
+        run_cli(
+            "export",
+            "export.format=onnx",
+            f"checkpoint={ckpt}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+        )
+    )
+    m = json.loads((out / "export" / "metrics.json").read_text())
+    assert m["format"] == "onnx" and m["source"] == str(ckpt)
+    assert m["max_abs_diff"] <= 1e-4 and (out / "export" / "model.onnx").stat().st_size > 0
+
+
+def test_unwritable_output_dir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_cli("run", f"hydra.run.dir={blocker}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "hydra.run.dir" in proc.stderr and "not a directory" in proc.stderr
+    assert blocker.read_text() == "x"

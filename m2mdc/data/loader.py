@@ -78,8 +78,11 @@ class Batches:
     def __len__(self) -> int:
         return -(-self.num_examples // self.batch_size)
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of one epoch (deterministic for a given seed and epoch)."""
+    def epoch(
+        self, epoch: int = 0, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch (deterministic for a given seed and epoch), optionally
+        starting at batch ``start_batch`` (a resumed epoch)."""
         n = self.num_examples
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.order is not None:
@@ -90,7 +93,7 @@ class Batches:
             idx = torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.train else None
         idx = idx.to(self.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(start_batch * self.batch_size, n, self.batch_size):
             b = idx[start : start + self.batch_size]
             flip = (
                 flips[start : start + self.batch_size].to(self.device)

@@ -123,4 +123,5 @@ def kd_repair(
         fingerprint=fingerprint,
         desc=desc,
         epoch_info=epoch_info,
+        extra_state=aligner,
     )

@@ -1,3 +1,11 @@
 """Pipeline stages; importing this package registers them in pipeline order."""
 
-from m2mdc.stages import distill, finetune_teacher, profile, prune, score, slice  # noqa: F401
+from m2mdc.stages import (  # noqa: F401
+    distill,
+    export,
+    finetune_teacher,
+    profile,
+    prune,
+    score,
+    slice,
+)

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from m2mdc.arch import SlicePlan, get_adapter
-from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
+from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from m2mdc.distill.losses import preset_terms
 from m2mdc.distill.repair import kd_repair
 from m2mdc.errors import M2MError
@@ -89,7 +89,21 @@ def run(ctx: Context) -> dict[str, Any]:
         if (do_planes or do_mid)
         else []
     )
+    fp = ctx.fingerprint("slice")
+    done_steps = 0
+    for n in range(len(stages), 0, -1):  # resume after the last finished step
+        step_file = out / f"step-{n}.pt"
+        if step_file.is_file():
+            model, meta = load_checkpoint(step_file)
+            if meta.get("fingerprint") == fp:
+                student = model.to(ctx.device)
+                steps, plan_steps = list(meta["steps"]), list(meta["plan_steps"])
+                feat_index, done_steps = list(meta["feat_index"]), n
+                log.info(f"slice: resuming after step {n} ({stages[n - 1]}) from {step_file}")
+                break
     for n, stage in enumerate(stages, start=1):
+        if n <= done_steps:
+            continue
         planes: dict[str, list[int]] = {}
         mids: dict[str, list[int]] = {}
         if do_planes:
@@ -138,7 +152,7 @@ def run(ctx: Context) -> dict[str, Any]:
             grad_clip=float(cfg.kd.grad_clip),
             temperature=float(cfg.kd.temperature),
             state_path=out / f"state-{n}.pt",
-            fingerprint=f"{ctx.fingerprint('slice')}-{n}",
+            fingerprint=f"{fp}-{n}",
             desc=f"slice {stage}",
             feature_index=feat_index,
             feature_match=str(cfg.kd.feature_match),
@@ -158,6 +172,12 @@ def run(ctx: Context) -> dict[str, Any]:
         )
         steps.append(row)
         plan_steps.append({"step": n, "stage": stage, "planes": planes, "mid": mids})
+        save_checkpoint(
+            out / f"step-{n}.pt",
+            student,
+            {"fingerprint": fp, "steps": steps, "plan_steps": plan_steps, "feat_index": feat_index},
+        )
+        student.to(ctx.device)
         log.info(
             f"slice {stage}: top1 {row['top1_sliced']:.2f}% sliced, {row['top1_recal']:.2f}% "
             f"after BN recal, {row['top1_repaired']:.2f}% after repair; MACs {row['macs']:,}"
@@ -185,6 +205,8 @@ def run(ctx: Context) -> dict[str, Any]:
         },
     )
     atomic_write_json(out / "metrics.json", metrics)
+    for f in out.glob("step-*.pt"):
+        f.unlink()
     return metrics
 
 

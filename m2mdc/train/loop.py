@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,6 +107,55 @@ class FitResult:
     seconds: float = 0.0
 
 
+class Interrupted(M2MError):
+    """SIGINT/SIGTERM during training: the state was saved; rerunning resumes."""
+
+    exit_code = 130
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after every batch."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors and tuples (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
 def fit(
     model: nn.Module,
     params: Iterable[nn.Parameter],
@@ -119,48 +170,92 @@ def fit(
     fingerprint: str,
     desc: str,
     epoch_info: Callable[[int], dict[str, Any]] | None = None,
+    extra_state: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
+
+    The state (model, optimizer, epoch, batch position, running sums, history, RNG states) is
+    saved atomically after every epoch, and mid-epoch when SIGINT/SIGTERM arrives; since the
+    batches of an epoch depend only on the seed and the epoch, a resumed run computes exactly
+    what an uninterrupted one would have (on CPU, where kernels are deterministic).
 
     Args:
         params: the trainable parameters (frozen ones are simply left out).
         loss_fn: see :data:`LossFn`.
-        state_path: resumable state written after every epoch and removed by the caller once
-            the stage's outputs are saved.
+        state_path: resumable state; removed by the caller once the stage's outputs are saved.
         fingerprint: the stage's configuration hash; a state from another configuration is
             ignored rather than resumed.
         epoch_info: extra values to log per epoch (e.g. KD weights).
+        extra_state: another trained module whose weights belong in the state (e.g. a
+            feature projection).
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
+
+    Raises:
+        M2MError: a non-finite loss (naming the epoch and batch; the last good state stays).
+        Interrupted: after SIGINT/SIGTERM, once the state is saved.
     """
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     result = FitResult()
-    start = 1
+    device = train.device
+    start, start_step = 1, 0
+    partial: dict[str, Any] | None = None
     if state_path.is_file():
         state = safe_torch_load(state_path)
-        if state.get("fingerprint") == fingerprint:
+        if isinstance(state, dict) and state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
+            if extra_state is not None and state.get("extra") is not None:
+                extra_state.load_state_dict(state["extra"])
             opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["torch"])
+            _set_rng_state(state["rng"])
             result.history = list(state["history"])
-            start = int(state["epoch"]) + 1
+            start, start_step = int(state["epoch"]), int(state.get("step", 0))
+            partial = state.get("partial")
+            if partial is None:
+                start += 1  # the saved epoch was complete
             result.resumed_from = start - 1
-            log.info(f"{desc}: resuming after epoch {start - 1} from {state_path}")
+            where = f"epoch {start}, batch {start_step}" if partial else f"epoch {start - 1}"
+            log.info(f"{desc}: resuming after {where} from {state_path}")
+
+    def save(epoch: int, step: int = 0, sums: dict[str, Any] | None = None) -> None:
+        torch_save_atomic(
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "step": step,
+                "partial": sums,
+                "model": model.state_dict(),
+                "extra": extra_state.state_dict() if extra_state is not None else None,
+                "optimizer": opt.state_dict(),
+                "history": result.history,
+                "rng": _rng_state(),
+            },
+            state_path,
+        )
+
     t0 = time.perf_counter()
-    device = train.device
-    with progress() as bar:
+    with progress() as bar, StopFlag() as stop:
         ep_task = bar.add_task(desc, total=epochs, completed=start - 1, info="")
         for epoch in range(start, epochs + 1):
             model.train()
-            batch_task = bar.add_task(f"  epoch {epoch}/{epochs}", total=len(train), info="")
-            totals: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device)
+            if extra_state is not None:
+                extra_state.train()
+            first = start_step if epoch == start else 0
+            batch_task = bar.add_task(
+                f"  epoch {epoch}/{epochs}", total=len(train), completed=first, info=""
+            )
+            zero = torch.zeros((), device=device, dtype=torch.float64)
+            partial_of = partial if (epoch == start and partial) else {}
+            loss_sum = partial_of.get("loss_sum", zero).to(device)
+            correct = partial_of.get("correct", zero).to(device)
+            totals: dict[str, torch.Tensor] = {
+                k: v.to(device) for k, v in partial_of.get("totals", {}).items()
+            }
+            seen = int(partial_of.get("seen", 0))
             bad_step = torch.full((), -1, device=device, dtype=torch.long)
-            seen = 0
-            for step, (x, y) in enumerate(train.epoch(epoch)):
+            for step, (x, y) in enumerate(train.epoch(epoch, start_batch=first), start=first):
                 loss, logits, terms = loss_fn(model, x, y, epoch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -172,14 +267,12 @@ def fit(
                 d = loss.detach()
                 # device-side bookkeeping: no host synchronisation per step
                 bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), step, bad_step)
-                loss_sum += d.double() * bs
-                correct += (logits.detach().argmax(1) == y).sum()
+                loss_sum = loss_sum + d.double() * bs
+                correct = correct + (logits.detach().argmax(1) == y).sum()
                 for k, v in terms.items():
-                    totals[k] = (
-                        totals.get(k, torch.zeros((), device=device, dtype=torch.float64))
-                        + v.detach().double() * bs
-                    )
-                if (step + 1) % LOG_EVERY == 0 or step + 1 == len(train):
+                    totals[k] = totals.get(k, zero) + v.detach().double() * bs
+                last = step + 1 == len(train)
+                if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
                     if int(bad_step) >= 0:
                         raise M2MError(
                             f"{desc}: non-finite loss at epoch {epoch}, batch {int(bad_step)}; "
@@ -191,6 +284,17 @@ def fit(
                         completed=step + 1,
                         info=f"loss {float(loss_sum) / seen:.4f} "
                         f"acc {100 * float(correct) / seen:.1f}%",
+                    )
+                if stop.signum is not None and not last:
+                    save(
+                        epoch,
+                        step + 1,
+                        {"loss_sum": loss_sum, "correct": correct, "totals": totals, "seen": seen},
+                    )
+                    raise Interrupted(
+                        f"{desc}: stopped by signal {stop.signum} at epoch {epoch}, batch "
+                        f"{step + 1}; state saved to {state_path}; rerun the same command "
+                        "to resume"
                     )
             bar.remove_task(batch_task)
             row: dict[str, Any] = {
@@ -204,21 +308,16 @@ def fit(
             ev = evaluate(model, test)
             row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
             result.history.append(row)
-            torch_save_atomic(
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "history": result.history,
-                    "rng": {"torch": torch.get_rng_state()},
-                },
-                state_path,
-            )
+            save(epoch)
             bar.update(ep_task, completed=epoch, info=f"test top1 {ev['top1']:.2f}%")
             log.info(
                 f"{desc}: epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} "
                 f"train top1 {row['train_top1']:.2f}% test top1 {ev['top1']:.2f}%"
             )
+            if stop.signum is not None and epoch < epochs:
+                raise Interrupted(
+                    f"{desc}: stopped by signal {stop.signum} after epoch {epoch}; state saved "
+                    f"to {state_path}; rerun the same command to resume"
+                )
     result.seconds = time.perf_counter() - t0
     return result

@@ -1,0 +1,147 @@
+"""export: write a model for deployment and check numerical parity with the PyTorch module.
+
+``m2mdc export checkpoint=PATH export.format=torchscript|onnx|torch_export``; inside a run
+directory without ``checkpoint`` it exports the most compressed model the run has
+(inner_slice, else block_kd, else teacher). The exported file is run on a sample batch and its
+outputs compared with the module's: the maximum absolute difference is recorded and must stay
+within ``export.atol``.
+
+TorchScript is deprecated upstream in favour of ``torch.export``; it is kept because many
+deployment stacks still read it. ONNX needs the optional extra ``pip install m2mdc[onnx]``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from m2mdc.artifacts import atomic_write_bytes, atomic_write_json, load_checkpoint
+from m2mdc.errors import M2MError
+from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.stages.profile import run_models
+from m2mdc.ui import log
+
+SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx", "torch_export": ".pt2"}
+
+
+def _source(ctx: Context) -> tuple[nn.Module, str]:
+    if ctx.cfg.checkpoint:
+        model, _ = load_checkpoint(ctx.cfg.checkpoint)
+        return model, str(ctx.cfg.checkpoint)
+    found = run_models(ctx)
+    for row in ("inner_slice", "block_kd", "block_pruned", "teacher"):
+        if row in found:
+            return ctx.load_model(found[row]).cpu(), f"{found[row]}/model.pt"
+    raise M2MError(
+        f"export needs checkpoint=PATH, or a run directory with models ({ctx.run_dir} has none)"
+    )
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, x)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        loaded = torch.jit.load(str(path))
+    with torch.inference_mode():
+        return loaded(x)
+
+
+def _torch_export(model: nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    loaded = torch.export.load(str(path))
+    with torch.inference_mode():
+        return loaded.module()(x)
+
+
+def _onnx(model: nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise M2MError(
+            "export.format=onnx needs onnx, onnxscript and onnxruntime: pip install 'm2mdc[onnx]'"
+        ) from None
+    tmp = path.with_suffix(".tmp.onnx")
+    try:
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            dynamo=True,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+        )
+    except ImportError as exc:
+        raise M2MError(f"export.format=onnx: {exc}; pip install 'm2mdc[onnx]'") from None
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink(missing_ok=True)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    return torch.from_numpy(out)
+
+
+EXPORTERS = {"torchscript": _torchscript, "onnx": _onnx, "torch_export": _torch_export}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    fmt = str(cfg.export.format)
+    model, source = _source(ctx)
+    model = model.cpu().eval()
+    size = int(cfg.profile.input_size or cfg.dataset.image_size)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    x = torch.randn(int(cfg.export.batch_size), 3, size, size, generator=g)
+    with torch.inference_mode():
+        ref = model(x)
+    out_dir = ctx.stage_dir("export")
+    path = out_dir / f"model{SUFFIX[fmt]}"
+    got = EXPORTERS[fmt](model, x, path)
+    diff = float((got.float() - ref.float()).abs().max())
+    metrics = {
+        "format": fmt,
+        "source": source,
+        "path": str(path),
+        "input_size": size,
+        "batch_size": int(cfg.export.batch_size),
+        "max_abs_diff": diff,
+        "atol": float(cfg.export.atol),
+        "bytes": path.stat().st_size,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    if not diff <= float(cfg.export.atol):
+        raise M2MError(
+            f"export parity check failed: max |exported - pytorch| = {diff:.3g} > "
+            f"export.atol={cfg.export.atol} ({path})"
+        )
+    log.info(f"export: {source} -> {path} ({fmt}); parity max abs diff {diff:.3g}")
+    return metrics
+
+
+def _fingerprint_extra(ctx: Context) -> Any:
+    from m2mdc.stages.profile import _fingerprint_extra as models_fingerprint
+
+    return models_fingerprint(ctx)
+
+
+register_stage(
+    Stage(
+        name="export",
+        command="export",
+        requires=(),
+        keys=("export", "checkpoint", "profile.input_size", "dataset.image_size", "seed"),
+        run=run,
+        extra=_fingerprint_extra,
+    )
+)
