@@ -133,6 +133,7 @@ class Config:
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
     cache_dir: str = "outputs/cache"
+    use_cache: bool = True
     force: bool = False
     checkpoint: str | None = None
 

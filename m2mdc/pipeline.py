@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from m2mdc import __version__
+from m2mdc import __version__, cache
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
 from m2mdc.config import to_plain, validate
 from m2mdc.data.datasets import ImageData, load_split
@@ -46,6 +46,7 @@ class Stage:
         run: ``run(ctx) -> metrics``; writes ``<run>/<name>/`` itself.
         version: bumped when the stage's code changes what it produces.
         extra: more fingerprint input read from the run directory (e.g. which models exist).
+        cacheable: outputs are shared across runs through the content-addressed cache.
     """
 
     name: str
@@ -55,6 +56,7 @@ class Stage:
     run: Callable[[Context], dict[str, Any]]
     version: int = 1
     extra: Callable[[Context], Any] | None = None
+    cacheable: bool = False
 
 
 STAGES: dict[str, Stage] = {}
@@ -187,10 +189,20 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
                 "or force=true to replace them"
             )
         done.unlink()
-    log.info(f"[{name}] running")
-    seed_everything(int(ctx.cfg.seed))
     t0 = time.perf_counter()
-    metrics = st.run(ctx)
+    cached_from = None
+    if st.cacheable and ctx.cfg.use_cache:
+        key = hashlib.sha256(f"{fp}:{__version__}".encode()).hexdigest()
+        with cache.locked(ctx.cache_dir, name, key):  # racing jobs: one computes, others reuse
+            if cache.fetch(ctx.cache_dir, name, key, ctx.stage_dir(name)) and not ctx.cfg.force:
+                cached_from = str(cache.entry_dir(ctx.cache_dir, name, key))
+                log.info(f"[{name}] reused from cache {cached_from}")
+                metrics = read_json(ctx.run_dir / name / "metrics.json")
+            else:
+                metrics = _run_stage(ctx, st)
+                cache.publish(ctx.cache_dir, name, key, ctx.run_dir / name)
+    else:
+        metrics = _run_stage(ctx, st)
     seconds = time.perf_counter() - t0
     atomic_write_json(
         done,
@@ -202,11 +214,18 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "m2mdc_version": __version__,
             "torch_version": torch.__version__,
+            "cached_from": cached_from,
         },
     )
     record_stage(ctx.run_dir, name, ctx.cfg)
     log.info(f"[{name}] done in {seconds:.1f}s")
     return metrics
+
+
+def _run_stage(ctx: Context, st: Stage) -> dict[str, Any]:
+    log.info(f"[{st.name}] running")
+    seed_everything(int(ctx.cfg.seed))
+    return st.run(ctx)
 
 
 PIPELINE = ("teacher", "score", "prune", "distill", "slice", "profile")
@@ -254,7 +273,11 @@ def hydra_main(command: str, args: Sequence[str]) -> int:
     register_configs()
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
     argv = sys.argv
-    sys.argv = ["m2mdc", *args, f"command={command}"]
+    from m2mdc.cli import split_overrides
+
+    overrides, flags = split_overrides(args)
+    # overrides before flags: `--cfg job` must stay followed by its value
+    sys.argv = ["m2mdc", *overrides, f"command={command}", *flags]
     try:
         main()
     except SystemExit as exc:

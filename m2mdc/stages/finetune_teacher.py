@@ -144,6 +144,7 @@ register_stage(
         command="finetune-teacher",
         requires=(),
         keys=("model", "dataset", "teacher", "seed"),
+        cacheable=True,
         run=run,
     )
 )

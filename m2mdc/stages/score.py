@@ -95,5 +95,12 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 register_stage(
-    Stage(name="score", command="score", requires=("teacher",), keys=("score",), run=run)
+    Stage(
+        name="score",
+        command="score",
+        requires=("teacher",),
+        keys=("score",),
+        run=run,
+        cacheable=True,
+    )
 )

@@ -1,0 +1,642 @@
+"""``m2mdc report DIR... [--out OUTDIR] [--name report]``: tables and plots from finished runs.
+
+Every ``summary.json`` below the given directories is one run. Runs whose composed
+configuration (``.hydra/config.yaml``) is equal apart from the seed and the keys in
+:data:`IGNORED_KEYS` form a group; per group the report holds the per-seed table of the
+paper's Tables 1/3/5, the compute table of Tables 2/4/6 and, for the paper's three models,
+the published numbers beside ours. Outputs (``report.md``, ``.csv``, ``.json``,
+``pareto.png``, ``kd_curves.png``) are written atomically into OUTDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from m2mdc.errors import M2MError
+
+# Settings that never change a run's numbers, so runs differing only in them share a group.
+# Besides the seed (which is what a group averages over): how the run was started (command,
+# force, checkpoint: the `profile checkpoint=...` input), where it ran or cached data (device,
+# cache_dir, use_cache: the cache is content-addressed), Hydra's own node, the export command's
+# settings, dataset download/decoding threads, and the latency measurement settings (latency
+# is a property of the machine, not of the model's accuracy).
+IGNORED_KEYS: tuple[str, ...] = (
+    "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
+    "export", "dataset.download", "dataset.num_workers",
+    "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
+)  # fmt: skip
+# Used as the grouping key when a run has no .hydra/config.yaml (summary.json fields).
+SUMMARY_KEYS = {"model": "model.name", "dataset": "dataset.name", "experiment": "experiment_name",
+                "prune_ratio": "prune.ratio", "num_classes": "dataset.num_classes",
+                "input_size": "profile.input_size"}  # fmt: skip
+DISPLAY = {"teacher": "Teacher", "block_pruned": "Block-pruned", "block_kd": "Block-KD",
+           "inner_slice": "Inner-slice", "teacher_same_epochs": "Teacher (same epochs)",
+           "peer_torch_pruning": "Torch-Pruning peer"}  # fmt: skip
+KD_KEYS = ("test_top1", "train_top1", "ce", "logit_align", "feat_align", "alpha", "beta")
+STD_NOTE = (
+    "Our ± is the sample standard deviation over seeds (ddof=1); a single seed shows n/a. "
+    "The paper's published ± values are population standard deviations (ddof=0): Table 1's "
+    "teacher accuracies 82.82, 82.71, 83.93 give 0.55 only with ddof=0 (0.67 with ddof=1)."
+)
+
+# ---- The paper's published values (Levine et al., M2M-DC, Tables 1-6) --------------------
+# top1 per seed (Tables 1/3/5) and the compute profile (Tables 2/4/6), copied verbatim. What
+# the paper used: the text says CIFAR-100 at 224x224, but its ResNet params/GMacs match a
+# 10-class head at 32x32 input and MobileNetV2's match 100 classes at 64x64 (ConvGMACs, i.e.
+# convolutions only, which we compare with our conv_macs). Its "± std" is population std.
+_ROWS = ("teacher", "block_kd", "inner_slice")
+PAPER: dict[str, dict[str, Any]] = {
+    "resnet18": {
+        "tables": "Tables 1 and 2", "mac_column": "GMacs", "mac_key": "macs",
+        "profiled_as": {"num_classes": 10, "input_size": 32},
+        "seeds": {42: (82.82, 85.37, 85.04), 99: (82.71, 85.21, 85.46),
+                  123: (83.93, 85.07, 85.37)},
+        "mean_std": ((83.15, 0.55), (85.22, 0.12), (85.29, 0.18)),
+        "params_m": (11.18, 9.63, 3.09), "gmacs": (0.0372, 0.0230, 0.0139),
+        "stated_inner_slice_change_pct": {"params": -72.4, "gmacs": -62.6},
+    },
+    "resnet34": {
+        "tables": "Tables 3 and 4", "mac_column": "GMacs", "mac_key": "macs",
+        "profiled_as": {"num_classes": 10, "input_size": 32},
+        "seeds": {42: (83.50, 83.56, 84.25), 99: (82.61, 83.58, 84.58),
+                  123: (81.63, 83.86, 85.02)},
+        "mean_std": ((82.58, 0.76), (83.67, 0.14), (84.62, 0.32)),
+        "params_m": (21.29, 16.71, 5.46), "gmacs": (0.0751, 0.0372, 0.0195),
+        "stated_inner_slice_change_pct": {"params": -74.4, "gmacs": -74.0},
+    },
+    "mobilenet_v2": {
+        "tables": "Tables 5 and 6", "mac_column": "ConvGMACs", "mac_key": "conv_macs",
+        "profiled_as": {"num_classes": 100, "input_size": 64},
+        "seeds": {42: (64.76, 65.39, 66.27), 99: (65.44, 68.62, 69.29),
+                  123: (67.88, 69.65, 70.05)},
+        "mean_std": ((66.03, 1.34), (67.89, 1.81), (68.54, 1.63)),
+        "params_m": (2.35, 1.71, 1.71), "gmacs": (0.0244, 0.0186, 0.0186),
+        "stated_inner_slice_change_pct": {"params": -27.4, "gmacs": -23.8},
+    },
+}  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One finished run: its summary rows, grouping configuration and KD history."""
+
+    dir: Path
+    seed: int | None
+    meta: dict[str, Any]
+    rows: dict[str, dict[str, Any]]
+    config: dict[str, Any]
+    kd_epochs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _flatten(node: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    # Two levels (group.key) like the schema; deeper mappings such as keep_cfg stay one value.
+    if isinstance(node, dict) and depth < 2:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}", depth + 1))
+        return out
+    return {prefix: node}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+def _load_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        raw = OmegaConf.load(path)
+        try:
+            cfg = OmegaConf.to_container(raw, resolve=True)
+        except Exception:  # interpolations into Hydra's runtime node: keep them as written
+            cfg = OmegaConf.to_container(raw, resolve=False)
+    except Exception as exc:
+        raise M2MError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    return {str(k): v for k, v in cfg.items()} if isinstance(cfg, dict) else None
+
+
+def load_run(summary_path: Path) -> Run:
+    """Read one run directory (summary.json, .hydra/config.yaml, distill/metrics.json)."""
+    from m2mdc.artifacts import read_json
+
+    summary = read_json(summary_path)
+    rows = summary.get("rows") if isinstance(summary, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+        raise M2MError(f"{summary_path} is not an m2mdc summary (no 'rows' list of models)")
+    run_dir = summary_path.parent
+    cfg = _load_config(run_dir)
+    if cfg is not None:
+        config = _flatten(cfg)
+    else:
+        config = {key: summary.get(src) for src, key in SUMMARY_KEYS.items()}
+    seed = summary.get("seed", config.get("seed"))
+    config = {k: v for k, v in config.items() if not _ignored(k)}
+    ordered = sorted(rows, key=lambda r: r["model"] != "teacher")  # stable: teacher first
+    kd_path = run_dir / "distill" / "metrics.json"
+    kd = read_json(kd_path).get("epochs", []) if kd_path.is_file() else []
+    meta = {k: v for k, v in summary.items() if k != "rows"}
+    return Run(
+        run_dir,
+        None if seed is None else int(seed),
+        meta,
+        {r["model"]: r for r in ordered},
+        config,
+        kd,
+    )
+
+
+def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
+    """Every run (a ``summary.json``) below the given directories, each path once."""
+    paths: dict[Path, None] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise M2MError(f"report: {d} is not a directory")
+        for p in sorted(d.rglob("summary.json")):
+            paths.setdefault(p.resolve(), None)
+    if not paths:
+        where = ", ".join(str(d) for d in dirs)
+        raise M2MError(f"report: no summary.json below {where} (a run writes it when it finishes)")
+    return [load_run(p) for p in paths]
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and SAMPLE std (ddof=1); std is None for fewer than two values."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None)
+
+
+def _change(value: float | None, ref: float | None) -> float | None:
+    return 100.0 * (value / ref - 1.0) if value is not None and ref else None
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, accuracy) points, by ascending cost.
+
+    A point is dominated when another has cost <= and accuracy >= with one strictly better:
+    lower MACs and higher accuracy are both wins. Identical points do not dominate each other.
+    """
+    pts = list(points)
+    keep = [
+        i
+        for i, (c, a) in enumerate(pts)
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for c2, a2 in pts)
+    ]
+    return sorted(keep, key=lambda i: (pts[i][0], -pts[i][1]))
+
+
+def _aggregate_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    names = list(dict.fromkeys(n for r in runs for n in r.rows))
+    out = []
+    for name in names:
+        present = [r.rows[name] for r in runs if name in r.rows]
+        row: dict[str, Any] = {"model": name, "n": len(present)}
+        row["top1_mean"], row["top1_std"] = mean_std(p.get("top1") for p in present)
+        for k in ("params", "macs", "conv_macs", "latency_ms"):
+            row[f"{k}_mean"] = mean_std(p.get(k) for p in present)[0]
+        out.append(row)
+    teacher = out[0] if out and out[0]["model"] == "teacher" else None
+    for row in out:  # reductions from the MEANS, not from the runs' own *_pct fields
+        for k in ("params", "macs", "conv_macs"):
+            ch = _change(row[f"{k}_mean"], teacher[f"{k}_mean"]) if teacher else None
+            row[f"{k}_reduction_pct"] = None if ch is None else (-ch or 0.0)  # no -0.0
+        t1 = teacher["top1_mean"] if teacher else None
+        row["top1_delta"] = (
+            None if t1 is None or row["top1_mean"] is None else row["top1_mean"] - t1
+        )
+    return out
+
+
+def _kd_curve(runs: list[Run]) -> list[dict[str, Any]]:
+    by_epoch: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        for e in r.kd_epochs:
+            by_epoch.setdefault(int(e["epoch"]), []).append(e)
+    return [
+        {"epoch": ep, "n": len(es), **{k: mean_std(e.get(k) for e in es)[0] for k in KD_KEYS}}
+        for ep, es in sorted(by_epoch.items())
+    ]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, dict | list):
+        return json.dumps(v, separators=(",", ":"), sort_keys=True).replace('"', "")
+    return str(v)
+
+
+def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Group runs by configuration minus seed/ignored keys; mean/std per row; paper columns.
+
+    Returns:
+        JSON-ready groups sorted by model and label, each with ``runs`` (per seed), ``rows``
+        (aggregates, teacher first), ``kd_curve``, ``paper`` (or None) and ``config``.
+    """
+    buckets: dict[str, list[Run]] = {}
+    for r in runs:
+        key = json.dumps(r.config, sort_keys=True, default=str)
+        buckets.setdefault(key, []).append(r)
+    groups: list[dict[str, Any]] = []
+    for members in buckets.values():
+        members.sort(key=lambda r: (r.seed is None, r.seed or 0, str(r.dir)))
+        first, cfg = members[0], members[0].config
+        groups.append(
+            {
+                "model": first.meta.get("model", cfg.get("model.name")),
+                "experiment": first.meta.get("experiment", cfg.get("experiment_name")),
+                "dataset": first.meta.get("dataset", cfg.get("dataset.name")),
+                "num_classes": first.meta.get("num_classes"),
+                "input_size": first.meta.get("input_size"),
+                "seeds": [r.seed for r in members],
+                "runs": [
+                    {
+                        "dir": str(r.dir),
+                        "seed": r.seed,
+                        "top1": {n: row.get("top1") for n, row in r.rows.items()},
+                    }
+                    for r in members
+                ],
+                "rows": _aggregate_rows(members),
+                "kd_curve": _kd_curve(members),
+                "config": cfg,
+            }
+        )
+    for g in groups:  # label: model, experiment, and what varies within that sweep
+        peers = [
+            h for h in groups if (h["model"], h["experiment"]) == (g["model"], g["experiment"])
+        ]
+        keys = sorted({k for h in peers for k in h["config"]})
+        varying = [k for k in keys if len({_fmt_value(h["config"].get(k)) for h in peers}) > 1]
+        g["label"] = " · ".join(
+            [str(g["model"]), str(g["experiment"])]
+            + [f"{k}={_fmt_value(g['config'].get(k))}" for k in varying]
+        )
+    groups.sort(key=lambda g: (str(g["model"]), g["label"]))
+    for i, g in enumerate(groups, 1):
+        g["id"], g["series"] = f"g{i}", _series(g)
+        g["paper"] = paper_comparison(g)
+    _mark_pareto(groups)
+    return groups
+
+
+def _series(g: dict[str, Any]) -> str:
+    return f"{g['model']} · {g['dataset']} · {g['input_size']}px"
+
+
+def _mark_pareto(groups: list[dict[str, Any]]) -> None:
+    # Frontier per series (architecture, dataset, input size): only those are comparable.
+    for s in {_series(g) for g in groups}:
+        rows = [r for g in groups if _series(g) == s for r in g["rows"]]
+        usable = [r for r in rows if r["macs_mean"] is not None and r["top1_mean"] is not None]
+        front = pareto_frontier([(r["macs_mean"], r["top1_mean"]) for r in usable])
+        for i, r in enumerate(usable):
+            r["pareto"] = i in front
+
+
+def paper_comparison(group: dict[str, Any]) -> dict[str, Any] | None:
+    """The paper's published values beside the group's, with ours − paper, or None."""
+    paper = PAPER.get(str(group["model"]))
+    if paper is None:
+        return None
+    ours = {r["model"]: r for r in group["rows"]}
+    seeds = sorted(set(paper["seeds"]) | {s for s in group["seeds"] if s is not None})
+    by_seed = {r["seed"]: r["top1"] for r in group["runs"]}
+    mac_key = paper["mac_key"]
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(_ROWS):
+        o = ours.get(name, {})
+        p_top1, p_std = paper["mean_std"][i]
+        pairs = {
+            "top1": (o.get("top1_mean"), p_top1),
+            "params_m": (_scaled(o.get("params_mean"), 1e6), paper["params_m"][i]),
+            "gmacs": (_scaled(o.get(f"{mac_key}_mean"), 1e9), paper["gmacs"][i]),
+        }
+        row: dict[str, Any] = {
+            "model": name,
+            "top1_std_ours": o.get("top1_std"),
+            "top1_std_paper": p_std,
+            "top1_sample_std_paper": statistics.stdev(v[i] for v in paper["seeds"].values()),
+        }
+        for k, (a, b) in pairs.items():
+            row[f"{k}_ours"], row[f"{k}_paper"] = a, b
+            row[f"{k}_diff"] = None if a is None else a - b
+        for k in ("params_m", "gmacs"):  # change vs teacher; the paper's from its own columns
+            row[f"{k}_change_pct_ours"] = _change(
+                row[f"{k}_ours"], rows[0][f"{k}_ours"] if rows else row[f"{k}_ours"]
+            )
+            row[f"{k}_change_pct_paper"] = _change(paper[k][i], paper[k][0])
+        if name == "inner_slice":  # published; the rounded columns can differ by ~0.2 points
+            stated = paper["stated_inner_slice_change_pct"]
+            row["params_m_change_pct_paper"], row["gmacs_change_pct_paper"] = (
+                stated["params"],
+                stated["gmacs"],
+            )
+        rows.append(row)
+    same = (group["num_classes"], group["input_size"]) == tuple(paper["profiled_as"].values())
+    return {
+        "tables": paper["tables"],
+        "mac_column": paper["mac_column"],
+        "mac_key": mac_key,
+        "paper_used": "CIFAR-100 (text); params/MACs match {num_classes} classes at "
+        "{input_size}x{input_size} input".format(**paper["profiled_as"]),
+        "ours_used": f"{group['dataset']}, {group['num_classes']} classes, "
+        f"{group['input_size']}x{group['input_size']} input",
+        "compute_comparable": same,
+        "seeds": [
+            {
+                "seed": s,
+                "ours": by_seed.get(s, {}),
+                "paper": dict(zip(_ROWS, paper["seeds"].get(s, ()), strict=False)),
+            }
+            for s in seeds
+        ],
+        "rows": rows,
+        "stated_inner_slice_change_pct": paper["stated_inner_slice_change_pct"],
+    }
+
+
+def _scaled(v: float | None, unit: float) -> float | None:
+    return None if v is None else v / unit
+
+
+def main(argv: Sequence[str]) -> int:
+    """``m2mdc report``: parse arguments, aggregate, write the report files, print tables."""
+    parser = _Parser(
+        prog="m2mdc report",
+        description="Tables and plots from finished runs: per-seed, compute, paper side by side.",
+        epilog="Writes NAME.md, NAME.csv, NAME.json, pareto.png and kd_curves.png (prefixed "
+        "NAME_ when --name is given) into OUTDIR; every summary.json below each DIR is a run.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="searched recursively")
+    parser.add_argument("--out", metavar="OUTDIR", help="output directory (default: first DIR)")
+    parser.add_argument("--name", default="report", help="file stem (default: report)")
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    runs = find_runs(args.dirs)
+    groups = aggregate(runs)
+    write_report(groups, args.dirs, Path(args.out or args.dirs[0]), args.name)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are M2MErrors: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise M2MError(f"report: {message}")
+
+
+def to_csv(groups: Sequence[dict[str, Any]]) -> str:
+    """One CSV line per (group, model row) with the aggregates and the paper's values."""
+    cols = ["group", "label", "arch", "experiment", "dataset", "num_classes", "input_size",
+            "model", "n", "seeds", "top1_mean", "top1_std", "params_mean", "macs_mean",
+            "conv_macs_mean", "latency_ms_mean", "params_reduction_pct", "macs_reduction_pct",
+            "conv_macs_reduction_pct", "top1_delta", "pareto", "paper_top1", "paper_params_m",
+            "paper_gmacs", "top1_minus_paper"]  # fmt: skip
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for g in groups:
+        paper = {r["model"]: r for r in (g["paper"] or {}).get("rows", [])}
+        meta = {"group": g["id"], "arch": g["model"], "seeds": " ".join(map(str, g["seeds"]))}
+        meta |= {k: g[k] for k in ("label", "experiment", "dataset", "num_classes", "input_size")}
+        for r in g["rows"]:
+            p = paper.get(r["model"], {})
+            w.writerow(
+                {k: r.get(k) for k in cols if k in r}
+                | meta
+                | {"pareto": r.get("pareto", False), "paper_top1": p.get("top1_paper")}
+                | {"paper_params_m": p.get("params_m_paper"), "paper_gmacs": p.get("gmacs_paper")}
+                | {"top1_minus_paper": p.get("top1_diff")}
+            )
+    return buf.getvalue()
+
+
+# ---- rendering: markdown, console, files ------------------------------------------------
+def _f(v: float | None, nd: int = 2, sign: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{(v if round(v, nd) else 0.0):{'+' if sign else ''}.{nd}f}"  # never "-0.00"
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return f"{_f(mean)} ± {'n/a' if std is None else _f(std)}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{_f(v, 1, sign=True)}%"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _name(n: str) -> str:
+    return DISPLAY.get(n, n)
+
+
+def seed_table(g: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Tables 1/3/5 layout: ``Seed | Teacher | Block-KD | Inner-slice``, then Mean ± Std."""
+    names = [r["model"] for r in g["rows"]]
+    body = [[str(r["seed"]), *(_f(r["top1"].get(n)) for n in names)] for r in g["runs"]]
+    body.append(["Mean ± Std", *(_pm(r["top1_mean"], r["top1_std"]) for r in g["rows"])])
+    return ["Seed", *map(_name, names)], body
+
+
+def compute_table(g: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Tables 2/4/6 layout plus ConvGMacs, latency and the changes vs the teacher's means."""
+    head = ["Model", "Acc (mean)", "Params (M)", "GMacs", "ConvGMacs", "Latency (ms)",
+            "Params vs teacher", "GMacs vs teacher", "ConvGMacs vs teacher", "Pareto"]  # fmt: skip
+    body = [
+        [
+            _name(r["model"]),
+            _f(r["top1_mean"]),
+            _f(_scaled(r["params_mean"], 1e6)),
+            _f(_scaled(r["macs_mean"], 1e9), 4),
+            _f(_scaled(r["conv_macs_mean"], 1e9), 4),
+            _f(r["latency_ms_mean"], 1),
+            *(
+                _pct(None if r[f"{k}_reduction_pct"] is None else -r[f"{k}_reduction_pct"])
+                for k in ("params", "macs", "conv_macs")
+            ),
+            "★" if r.get("pareto") else "",
+        ]
+        for r in g["rows"]
+    ]
+    return head, body
+
+
+def paper_tables(p: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
+    """Per-seed and compute tables with the paper's values beside ours and ours − paper."""
+    head = ["Seed"] + [c for n in _ROWS for c in (f"{_name(n)} ours", "paper", "Δ")]
+    body = []
+    for s in p["seeds"]:
+        cells = [str(s["seed"])]
+        for n in _ROWS:
+            a, b = s["ours"].get(n), s["paper"].get(n)
+            cells += [_f(a), _f(b), _f(None if a is None or b is None else a - b, sign=True)]
+        body.append(cells)
+    rows = p["rows"]
+    body.append(
+        ["Mean ± Std"]
+        + [
+            c
+            for r in rows
+            for c in (
+                _pm(r["top1_ours"], r["top1_std_ours"]),
+                _pm(r["top1_paper"], r["top1_std_paper"]) + "ᵖ",
+                _f(r["top1_diff"], sign=True),
+            )
+        ]
+    )
+    body.append(
+        ["paper, sample std"]
+        + [c for r in rows for c in ("", _pm(r["top1_paper"], r["top1_sample_std_paper"]), "")]
+    )
+    mac, spec = p["mac_column"], (("top1", 2), ("params_m", 2), ("gmacs", 4))
+    head2 = ["Model"] + [c for h in ("Acc", "Params (M)", mac) for c in (f"{h} ours", "paper", "Δ")]
+    head2 += ["Params vs teacher ours", "paper", f"{mac} vs teacher ours", "paper"]
+    body2 = [
+        [_name(r["model"])]
+        + [_f(r[f"{k}_{side}"], nd, sign=side == "diff") for k, nd in spec for side in SIDES]
+        + [_pct(r[f"{k}_change_pct_{side}"]) for k in ("params_m", "gmacs") for side in SIDES[:2]]
+        for r in rows
+    ]
+    return [(head, body), (head2, body2)]
+
+
+SIDES = ("ours", "paper", "diff")
+
+
+def _duplicate_seed_note(seeds: list[int | None]) -> list[str]:
+    # a rerun of the same seed in another directory counts twice in the mean: say so
+    dup = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    return [f"Note: seed(s) {', '.join(map(str, dup))} appear more than once.", ""] if dup else []
+
+
+def _md(head: list[str], body: list[list[str]]) -> list[str]:
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"
+    return ["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(r) + " |" for r in body), ""]
+
+
+def to_markdown(
+    groups: Sequence[dict[str, Any]], sources: Sequence[str], plots: dict[str, str]
+) -> str:
+    """The whole report.md: notes, plots, then per group the per-seed/compute/paper tables."""
+    n_runs = sum(len(g["runs"]) for g in groups)
+    out = [
+        "# m2mdc report",
+        "",
+        f"{_n(n_runs, 'run')} in {_n(len(groups), 'group')}, found below: "
+        + ", ".join(f"`{s}`" for s in sources)
+        + ".",
+        "",
+        "- **Groups**: runs whose composed configuration is equal apart from the seed and the "
+        "settings that do not change results: "
+        + ", ".join(f"`{k}`" for k in IGNORED_KEYS)
+        + ". Runs without `.hydra/config.yaml` are grouped by their summary's model, dataset, "
+        "classes, input size, experiment and prune ratio.",
+        f"- **Std**: {STD_NOTE}",
+        "- **Reductions** vs the teacher are computed from the mean params/MACs over seeds of "
+        "each row (negative = smaller). GMacs: 1e9 multiply-accumulates of convolutions and "
+        "linear layers for one image at the group's input size; ConvGMacs: convolutions only.",
+        "- **Pareto** ★: not dominated in (higher accuracy, lower GMacs) within its "
+        "architecture, dataset and input size.",
+        "",
+    ]
+    out += [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    for g in groups:
+        out += [
+            f"## {g['id']}: {g['label']}",
+            "",
+            f"{g['dataset']} · {g['num_classes']} classes · input "
+            f"{g['input_size']}x{g['input_size']} · seeds "
+            + ", ".join(str(s) for s in g["seeds"])
+            + f" ({_n(len(g['runs']), 'run')})",
+            "",
+            *_duplicate_seed_note(g["seeds"]),
+            "### Top-1 per seed (%)",
+            "",
+            *_md(*seed_table(g)),
+            "### Compute and parameters (means over seeds)",
+            "",
+            *_md(*compute_table(g)),
+        ]
+        p = g["paper"]
+        if p is not None:
+            out += [
+                f"### Beside the paper ({p['tables']}, {g['model']})",
+                "",
+                f"Paper: {p['paper_used']}. Ours: {p['ours_used']}. Δ = ours − paper. "
+                f"ᵖ: the paper's population std (ddof=0); the next line recomputes its "
+                f"sample std from its per-seed values. {p['mac_column']} is compared with "
+                f"our {p['mac_key']}.",
+                "",
+            ]
+            if not p["compute_comparable"]:
+                out += [
+                    "Params and MACs are **not comparable** here: the class count or the "
+                    "input size differs from what the paper's columns match.",
+                    "",
+                ]
+            for t in paper_tables(p):
+                out += _md(*t)
+        out += [
+            "<details><summary>runs</summary>",
+            "",
+            *(f"- seed {r['seed']}: `{r['dir']}`" for r in g["runs"]),
+            "",
+            "</details>",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def write_report(
+    groups: list[dict[str, Any]], sources: Sequence[str], out: Path, name: str
+) -> None:
+    """Write ``<name>.md/.csv/.json`` and the PNGs into ``out`` atomically; print the tables."""
+    from m2mdc import __version__
+    from m2mdc.artifacts import atomic_write_bytes, atomic_write_json
+    from m2mdc.report_plots import kd_curves_png, pareto_png
+    from m2mdc.ui import console, table
+
+    prefix = "" if name == "report" else f"{name}_"  # two reports in one directory keep apart
+    plots = {}
+    for key, png in (("pareto", pareto_png(groups, DISPLAY)), ("kd_curves", kd_curves_png(groups))):
+        if png is not None:
+            atomic_write_bytes(out / f"{prefix}{key}.png", png)
+            plots[key] = f"{prefix}{key}.png"
+    atomic_write_bytes(out / f"{name}.md", to_markdown(groups, sources, plots).encode())
+    atomic_write_bytes(out / f"{name}.csv", to_csv(groups).encode())
+    atomic_write_json(
+        out / f"{name}.json",
+        {
+            "format": 1,
+            "generated_by": f"m2mdc report {__version__}",
+            "sources": list(sources),
+            "ignored_keys": list(IGNORED_KEYS),
+            "std": STD_NOTE,
+            "plots": plots,
+            "paper": PAPER,
+            "groups": groups,
+        },
+    )
+    for g in groups:
+        console.print(table(f"{g['id']}: {g['label']} (top-1 %)", *seed_table(g)))
+        console.print(table(f"{g['id']}: compute (means over seeds)", *compute_table(g)))
+    files = [f"{name}.md", f"{name}.csv", f"{name}.json", *plots.values()]
+    console.print(f"report: {_n(len(groups), 'group')} -> {out}/ ({', '.join(files)})")

@@ -1,0 +1,143 @@
+"""The report's figures: accuracy vs GMacs with Pareto frontiers, and per-epoch KD curves.
+
+Figures are drawn on a bare :class:`~matplotlib.figure.Figure` with the Agg canvas (no
+pyplot, no global backend state, no display needed) and returned as PNG bytes, so the caller
+writes them atomically like every other artifact.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+# Row types keep their marker across reports; rows this table does not know get the rest.
+_MARKERS = {"teacher": "s", "block_pruned": "v", "block_kd": "o", "inner_slice": "^"}
+_SPARE_MARKERS = ("D", "P", "X", "*", "h", "p", "<", ">")
+_KD_PANELS = (("test_top1", "test top-1 (%)"), ("ce", "CE"),
+              ("logit_align", "logit alignment (1 − cos)"),
+              ("feat_align", "feature alignment (1 − cos)"))  # fmt: skip
+
+
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> bytes | None:
+    """Top-1 (mean, error bar = sample std) vs GMacs; colour per series, marker per row type.
+
+    Args:
+        groups: aggregated groups (``series``, ``rows`` with ``macs_mean``, ``top1_mean``,
+            ``top1_std`` and the ``pareto`` flag set by the aggregation).
+        names: display names of row types.
+
+    Returns:
+        PNG bytes, or None when no row has both accuracy and MACs.
+    """
+    series = list(dict.fromkeys(g["series"] for g in groups))
+    kinds = list(dict.fromkeys(r["model"] for g in groups for r in g["rows"]))
+    spare = iter(_SPARE_MARKERS * 4)
+    markers = {k: _MARKERS.get(k) or next(spare, "o") for k in kinds}
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.add_subplot()
+    xs_all: list[float] = []
+    for s, colour in zip(series, _colours(len(series)), strict=True):
+        rows = [r for g in groups if g["series"] == s for r in g["rows"]]
+        rows = [r for r in rows if r["macs_mean"] is not None and r["top1_mean"] is not None]
+        for r in rows:
+            x = r["macs_mean"] / 1e9
+            xs_all.append(x)
+            ax.errorbar(
+                [x],
+                [r["top1_mean"]],
+                yerr=[r["top1_std"] or 0.0],
+                fmt=markers[r["model"]],
+                color=colour,
+                ms=7,
+                capsize=3,
+                alpha=0.85,
+                linestyle="none",
+                mec="black" if r.get("pareto") else colour,
+            )
+        front = sorted((r["macs_mean"] / 1e9, r["top1_mean"]) for r in rows if r.get("pareto"))
+        if front:
+            # post-steps: the best accuracy reachable with at most x GMacs
+            ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.3, alpha=0.7)
+    if not xs_all:
+        return None
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # sweeps over input sizes
+        ax.set_xscale("log")
+    ax.set_xlabel("GMacs (convolutions + linear, one image at the run's input size)")
+    ax.set_ylabel("top-1 (%), mean ± sample std over seeds")
+    ax.set_title("Accuracy vs compute (step line: Pareto frontier per series)")
+    ax.grid(alpha=0.3)
+    ax.margins(0.08)
+    # legends outside the axes: points sit in every corner of a sweep
+    first = ax.legend(
+        handles=[
+            Line2D([], [], color=c, marker="o", label=s)
+            for s, c in zip(series, _colours(len(series)), strict=True)
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        title="series",
+    )
+    ax.add_artist(first)
+    ax.legend(
+        handles=[
+            Line2D([], [], color="0.4", marker=markers[k], ls="none", label=names.get(k, k))
+            for k in kinds
+        ],
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        fontsize=8,
+        title="model (black edge: on the frontier)",
+    )
+    return _png(fig)
+
+
+def kd_curves_png(groups: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Per-epoch test top-1 and KD terms (means over seeds) of every group's distill stage.
+
+    Returns:
+        PNG bytes, or None when no run has a ``distill/metrics.json`` history.
+    """
+    with_kd = [g for g in groups if g["kd_curve"]]
+    if not with_kd:
+        return None
+    fig = Figure(figsize=(10, 7 + 0.18 * len(with_kd)), layout="constrained")
+    axes = fig.subplots(2, 2, squeeze=False).ravel()
+    for g, colour in zip(with_kd, _colours(len(with_kd)), strict=True):
+        epochs = [e["epoch"] for e in g["kd_curve"]]
+        for ax, (key, _) in zip(axes, _KD_PANELS, strict=True):
+            ys = [e.get(key) for e in g["kd_curve"]]
+            pts = [(x, y) for x, y in zip(epochs, ys, strict=True) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=colour, label=g["label"])
+    for ax, (_, title) in zip(axes, _KD_PANELS, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("KD epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", fontsize=7, ncol=2 if len(with_kd) > 4 else 1
+    )
+    fig.suptitle("Staged KD repair (distill stage), means over seeds")
+    return _png(fig)
