@@ -14,18 +14,8 @@ from m2mdc.errors import M2MError
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is shared: intra-op threads contend with other jobs and make these tiny
-    # forward passes tens of times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def teachers(_one_thread):
+def teachers():
     torch.manual_seed(0)
     out = {}
     for name in ("resnet18", "resnet34", "mobilenet_v2"):

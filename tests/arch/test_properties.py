@@ -80,17 +80,8 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 # ---- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared test machine: intra-op threads contend with other jobs (tens of times slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def teachers(_one_thread):
+def teachers():
     torch.manual_seed(0)
     return {n: get_adapter(n).create(n, num_classes=10).eval() for n in TEACHER_DEPTHS}
 

@@ -13,15 +13,6 @@ from m2mdc.arch import create_model, get_adapter
 from m2mdc.errors import M2MError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared test machine: intra-op threads contend with other jobs (tens of times slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def imagenet_r18(tmp_path_factory):
     """A 1000-class torchvision resnet18 state_dict saved the way torchvision ships them."""
