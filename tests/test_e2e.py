@@ -293,3 +293,72 @@ def test_unwritable_output_dir_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "hydra.run.dir" in proc.stderr and "not a directory" in proc.stderr
     assert blocker.read_text() == "x"
+
+
+def test_stage_by_stage_equals_run(quick_run):
+    cwd = quick_run.parent  # same cache_dir: teacher and scores are reused from the cache
+    run_dir = cwd / "stages"
+    for cmd in ("finetune-teacher", "score", "prune", "distill", "slice", "profile"):
+        proc = _ok(run_cli(cmd, *TINY, f"hydra.run.dir={run_dir}", cwd=cwd))
+    assert "profile (run" in proc.stdout
+    for stage in ("teacher", "prune", "distill", "slice"):
+        a = json.loads((run_dir / stage / "metrics.json").read_text())["top1"]
+        b = json.loads((quick_run / stage / "metrics.json").read_text())["top1"]
+        assert a == b, stage
+    prof = json.loads((run_dir / "profile" / "metrics.json").read_text())["models"]
+    assert list(prof) == ["teacher", "block_kd", "inner_slice"]
+
+
+def test_bring_your_own_teacher_checkpoint(quick_run, tmp_path):
+    teacher_top1 = json.loads((quick_run / "teacher" / "metrics.json").read_text())["top1"]
+    model, _ = load_checkpoint(quick_run / "teacher" / "model.pt")
+    plain = tmp_path / "plain_state_dict.pt"
+    torch.save(model.state_dict(), plain)  # what a torchvision user would hand us
+    for i, ckpt in enumerate([quick_run / "teacher" / "model.pt", plain]):
+        run_dir = tmp_path / f"byo{i}"
+        _ok(
+            run_cli(
+                "finetune-teacher",
+                *TINY,
+                f"teacher.checkpoint={ckpt}",
+                f"hydra.run.dir={run_dir}",
+                cwd=tmp_path,
+            )
+        )
+        m = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+        assert m["epochs"] == [] and m["top1"] == teacher_top1
+    proc = run_cli(
+        "finetune-teacher",
+        *TINY,
+        "model=resnet34",
+        f"teacher.checkpoint={quick_run / 'teacher' / 'model.pt'}",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "holds a resnet18 but model=resnet34" in proc.stderr
+
+
+def test_mobilenet_v2_run_slices_below_block_kd(tmp_path):
+    run_dir = tmp_path / "mb"
+    _ok(run_cli("run", "model=mobilenet_v2", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path))
+    rows = {r["model"]: r for r in json.loads((run_dir / "summary.json").read_text())["rows"]}
+    assert rows["inner_slice"]["macs"] < rows["block_kd"]["macs"] < rows["teacher"]["macs"]
+    plan = json.loads((run_dir / "prune" / "plan.json").read_text())
+    assert set(plan["protected"]) == {f"features.{i}" for i in (1, 2, 4, 7, 11, 14, 17)}
+    assert len(plan["removed"]) == 4  # floor(0.4 * 10 free inverted residuals)
+    model, _ = load_checkpoint(run_dir / "slice" / "model.pt")
+    assert rows["inner_slice"]["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("slice.planes_keep=1.5", "slice.planes_keep=1.5 is out of range; allowed: > 0 and <= 1"),
+        ("slice.mid_keep={layer3:0}", "slice.mid_keep.layer3=0.0 is out of range"),
+        ("slice.planes_keep=abc", "slice.planes_keep='abc' is not valid"),
+    ],
+)
+def test_bad_keep_fractions_are_refused(tmp_path, override, expected):
+    proc = run_cli("run", override, cwd=tmp_path)
+    assert proc.returncode == 2 and expected in proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -129,3 +129,24 @@ def test_hydra_launchers_run_a_sweep_sharing_the_cache(tmp_path, launcher):
     )
     assert len(_summaries(tmp_path / "sweep")) == 2
     assert cache.count_entries(tmp_path / "cache", "teacher") == 1
+
+
+def test_report_on_a_real_sweep(tmp_path):
+    from m2mdc.cli import main
+
+    sweep = tmp_path / "sweep"
+    _ok(
+        run_cli(
+            "run",
+            "-m",
+            *SMALL,
+            "seed=1,2",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
+            cwd=tmp_path,
+        )
+    )
+    assert main(["report", str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    assert "Mean ± Std" in md
+    assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
