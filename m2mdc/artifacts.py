@@ -141,8 +141,9 @@ def load_checkpoint(
     from m2mdc.arch import get_adapter
     from m2mdc.manifest import verify
 
+    if Path(path).is_file():  # the recorded hash first: a changed file is never parsed
+        verify(Path(path))
     obj = safe_torch_load(path)
-    verify(Path(path))
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT or "arch" not in obj:
         raise M2MError(
             f"{path} is not an m2mdc checkpoint "
