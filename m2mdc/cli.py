@@ -121,6 +121,17 @@ def explain(exc: BaseException, base_cfg: object | None = None) -> str:
         return str(exc).splitlines()[0]
     full_key = getattr(cause, "full_key", None) or ""
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+        from m2mdc.config import KDTermConfig
+
+        if getattr(cause, "object_type", None) is KDTermConfig:  # inside a kd.terms list value
+            fields = list(KDTermConfig.__dataclass_fields__)
+            hint = difflib.get_close_matches(full_key.rpartition(".")[2], fields, n=1)
+            where = "" if full_key.startswith("kd.terms") else " in a kd.terms entry"
+            return (
+                f"unknown setting '{full_key}'{where}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; settings of a term: {', '.join(fields)}"
+            )
         parent, _, leaf = full_key.rpartition(".")
         known = _schema_keys(base_cfg, parent) if base_cfg is not None else []
         hint = difflib.get_close_matches(leaf, known, n=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +79,45 @@ class PruneConfig:
     bn_recal_batches: int = _f(50, ge=0)
 
 
+KD_PRESETS = (
+    "staged_cosine",
+    "hinton",
+    "ce_only",
+    "attention_transfer",
+    "ig_overlay",
+    "ig_at",
+    "custom",
+)
+# the built-in terms of m2mdc.distill.losses.KD_TERMS (kept here so validation needs no torch;
+# a test checks they agree; terms registered by extensions are looked up in the registry)
+KD_TERM_NAMES = ("attention_transfer", "ce", "feature_cosine", "kl", "logit_cosine")
+KD_RAMPS = ("linear", "none")
+
+
+@dataclass
+class KDTermConfig:
+    """One weighted KD term: ``weight`` is the peak, reached at the last epoch when ramped."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    ramp: str = "linear"  # linear: weight (t-1)/(T-1); none: weight in every epoch
+    temperature: float | None = None  # kl only; null: kd.temperature
+
+
+@dataclass
+class IGConfig:
+    """Integrated-gradients overlay (arXiv:2506.14440); ``prob=0`` turns it off."""
+
+    prob: float = _f(0.0, ge=0, le=1)
+    alpha: float = _f(0.5, ge=0, le=1)
+    overlay: str = _f("blend", choices=("blend", "mask"))
+    steps: int = _f(32, ge=1)
+    batch_size: int = _f(32, gt=0)
+
+
 @dataclass
 class KDConfig:
-    name: str = _f("staged_cosine", choices=("staged_cosine", "hinton"))
+    name: str = _f("staged_cosine", choices=KD_PRESETS)
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-4, gt=0)
     alpha: float = _f(0.1, ge=0)
@@ -88,6 +125,8 @@ class KDConfig:
     temperature: float = _f(4.0, gt=0)
     grad_clip: float = _f(1.0, ge=0)
     feature_match: str = _f("kept_channels", choices=("kept_channels", "projection"))
+    terms: list[KDTermConfig] = field(default_factory=list)
+    ig: IGConfig = field(default_factory=IGConfig)
 
 
 @dataclass
@@ -107,7 +146,20 @@ class ProfileConfig:
     latency: bool = True
     latency_warmup: int = _f(5, ge=0)
     latency_repeats: int = _f(30, gt=0)
-    batch_sizes: list[int] = _f(factory=lambda: [1])  # noqa: RUF009
+    batch_sizes: list[int] = _f(factory=lambda: [1, 64], gt=0)  # noqa: RUF009
+
+
+@dataclass
+class PerfConfig:
+    """Execution speed (m2mdc.train.perf); the defaults are plain float32 eager PyTorch.
+
+    Not part of any stage fingerprint (like ``device``): outputs are reused across settings.
+    """
+
+    channels_last: bool = False
+    amp: str = _f("none", choices=("none", "bf16", "fp16"))  # bf16: CUDA or CPU; fp16: CUDA
+    compile: bool = False  # torch.compile the forward passes of training and evaluation
+    fused_adam: bool = False  # Adam's fused kernel (CPU and CUDA): faster, not bitwise equal
 
 
 @dataclass
@@ -130,6 +182,7 @@ class Config:
     slice: SliceConfig = field(default_factory=SliceConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
     cache_dir: str = "outputs/cache"
@@ -209,7 +262,53 @@ def _validate_slice_keeps(cfg: DictConfig) -> None:
             _check_value(name, float(v), {"gt": 0, "le": 1})
 
 
-EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps]
+def check_kd_terms(terms: Any) -> None:
+    """Validate a ``kd.terms`` list; M2MError naming ``kd.terms[i].key`` and the choices."""
+    if terms is None:
+        return
+    if isinstance(terms, DictConfig | dict) or not isinstance(terms, ListConfig | list | tuple):
+        raise M2MError(
+            "kd.terms must be a list of {name, weight, ramp, temperature} entries, e.g. "
+            "kd.terms=[{name:ce,weight:1,ramp:none},{name:kl,weight:1}]"
+        )
+    for i, term in enumerate(terms):
+        key = f"kd.terms[{i}]"
+        if not isinstance(term, DictConfig | dict):
+            raise M2MError(f"{key}={term!r} is not valid; give {{name, weight, ramp}}")
+        if isinstance(term, DictConfig) and OmegaConf.is_missing(term, "name"):
+            raise M2MError(f"{key}.name is missing; choose one of: {', '.join(_term_names())}")
+        name = term.get("name")
+        if name is None:
+            raise M2MError(f"{key}.name is missing; choose one of: {', '.join(_term_names())}")
+        _check_value(f"{key}.name", name, {"choices": _term_names()})
+        weight = term.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise M2MError(f"{key}.weight={weight!r} is not a number")
+        _check_value(f"{key}.weight", float(weight), {"ge": 0})
+        _check_value(f"{key}.ramp", term.get("ramp", "linear"), {"choices": KD_RAMPS})
+        temperature = term.get("temperature")
+        if temperature is not None:
+            if name != "kl":
+                raise M2MError(
+                    f"{key}.temperature={temperature} is only used by kl; remove it from {name}"
+                )
+            _check_value(f"{key}.temperature", float(temperature), {"gt": 0})
+
+
+def _term_names() -> tuple[str, ...]:
+    """The built-in terms, plus any an extension registered (if the registry is loaded: the
+    check does not import torch itself)."""
+    losses = sys.modules.get("m2mdc.distill.losses")
+    registered = tuple(losses.KD_TERMS.names()) if losses is not None else ()
+    return tuple(sorted(set(KD_TERM_NAMES) | set(registered)))
+
+
+def _validate_kd_terms(cfg: DictConfig) -> None:
+    if "kd" in cfg and "terms" in cfg.kd:
+        check_kd_terms(cfg.kd.terms)
+
+
+EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms]
 
 
 def to_plain(node: Any) -> Any:

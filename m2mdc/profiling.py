@@ -15,6 +15,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -97,42 +98,78 @@ def measure_latency(
         ``batch_size``, ``threads`` (``torch.get_num_threads()``, the CPU intra-op threads,
         which latency depends on), ``device``, ``repeats``.
     """
+    return measure_latencies(
+        {"model": model},
+        input_size,
+        batch_size=batch_size,
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+        in_chans=in_chans,
+    )["model"]
+
+
+def measure_latencies(
+    models: Mapping[str, nn.Module],
+    input_size: int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str = "cpu",
+    in_chans: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure_latency` of several models, interleaved.
+
+    Every round times one forward pass of each model in turn (the order alternating between
+    rounds), so a change in machine load during the measurement hits all models alike and
+    their latency *ratios* (speedups) stay meaningful on a shared machine.
+
+    Returns:
+        name -> the :func:`measure_latency` fields of that model.
+    """
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("measure_latency needs repeats >= 1, warmup >= 0, batch_size >= 1")
     dev = torch.device(device)
-    net = copy.deepcopy(model).to(dev).eval()
+    nets = {name: copy.deepcopy(m).to(dev).eval() for name, m in models.items()}
     x = torch.randn(batch_size, in_chans, input_size, input_size, device=dev)
     cuda = dev.type == "cuda"
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    names = list(nets)
     with torch.inference_mode():
-        for _ in range(warmup):
-            net(x)
+        for name in names:
+            for _ in range(warmup):
+                nets[name](x)
         if cuda:
             torch.cuda.synchronize(dev)
-        for _ in range(repeats):
-            if cuda:
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                net(x)
-                end.record()
-                end.synchronize()
-                times.append(float(start.elapsed_time(end)))
-            else:
-                t0 = time.perf_counter()
-                net(x)
-                times.append((time.perf_counter() - t0) * 1000.0)
-    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
-    return {
-        "latency_ms": statistics.median(times),
-        "latency_p90_ms": p90,
-        "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
-        "device": str(dev),
-        "repeats": repeats,
-    }
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else reversed(names):
+                net = nets[name]
+                if cuda:
+                    start, end = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
+                    start.record()
+                    net(x)
+                    end.record()
+                    end.synchronize()
+                    times[name].append(float(start.elapsed_time(end)))
+                else:
+                    t0 = time.perf_counter()
+                    net(x)
+                    times[name].append((time.perf_counter() - t0) * 1000.0)
+    out = {}
+    for name, ts in times.items():
+        p90 = statistics.quantiles(ts, n=10, method="inclusive")[-1] if len(ts) > 1 else ts[0]
+        out[name] = {
+            "latency_ms": statistics.median(ts),
+            "latency_p90_ms": p90,
+            "batch_size": batch_size,
+            "threads": torch.get_num_threads(),
+            "device": str(dev),
+            "repeats": repeats,
+        }
+    return out
 
 
 def profile_model(

@@ -26,11 +26,12 @@ from m2mdc.errors import M2MError
 # Besides the seed (which is what a group averages over): how the run was started (command,
 # force, checkpoint: the `profile checkpoint=...` input), where it ran or cached data (device,
 # cache_dir, use_cache: the cache is content-addressed), Hydra's own node, the export command's
-# settings, dataset download/decoding threads, and the latency measurement settings (latency
-# is a property of the machine, not of the model's accuracy).
+# settings, dataset download/decoding threads, the latency measurement settings (latency
+# is a property of the machine, not of the model's accuracy), and the execution-speed `perf`
+# switches (like `device`: how the same computation was run).
 IGNORED_KEYS: tuple[str, ...] = (
     "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
-    "export", "dataset.download", "dataset.num_workers",
+    "perf", "export", "dataset.download", "dataset.num_workers",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
 # Used as the grouping key when a run has no .hydra/config.yaml (summary.json fields).

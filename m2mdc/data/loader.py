@@ -1,12 +1,19 @@
 """Batches on the device: seeded order, batch-level resize, flip and normalisation.
 
 The order and the flips of epoch ``e`` depend only on ``(seed, e)``, so a run resumed at
-epoch ``e`` sees exactly the batches an uninterrupted run would have seen.
+epoch ``e`` sees exactly the batches an uninterrupted run would have seen. Optionally a
+per-example uint8 map (the teacher's integrated-gradients maps, :mod:`m2mdc.distill.ig`) is
+overlaid on a seeded fraction of the images; the maps are index-selected, resized and flipped
+together with their images, and the overlay draws come from the same ``(seed, e)`` generator
+(after the order and the flips, which are therefore unchanged).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,25 +24,153 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+OVERLAY_MODES = ("blend", "mask")
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """Maps to overlay on training images (the integrated-gradients augmentation).
+
+    Attributes:
+        maps: uint8 ``[N, H, W]``, one per example at the images' stored resolution (255 = 1).
+        prob: fraction of the images, drawn per image and epoch, that get their map.
+        alpha: blend weight. With ``x``, ``m`` in [0, 1] (after resize and flip, before
+            normalisation): ``blend`` gives ``(1 - alpha) x + alpha m`` (the map drawn over the
+            image, as in the IG-KD authors' code), ``mask`` gives ``(1 - alpha) x + alpha x m``
+            (the image dimmed where the teacher's attribution is low).
+        mode: ``blend`` or ``mask``.
+    """
+
+    maps: torch.Tensor
+    prob: float
+    alpha: float
+    mode: str = "blend"
+
+
+class BatchOverlay(NamedTuple):
+    """One batch's share of an :class:`Overlay`: its maps and which images get them."""
+
+    maps: torch.Tensor  # uint8 [B, H, W]
+    apply: torch.Tensor  # bool [B]
+    alpha: float
+    mode: str = "blend"
+
+
+class OutputBuffers:
+    """Reusable CPU output buffers for the batches of one epoch.
+
+    A fresh large CPU tensor costs a page fault per 4 KiB on first touch (glibc maps every
+    allocation above 32 MB anew): for a 64-image batch at 224x224 (38.5 MB) that is more than
+    half the resize time. Each batch is therefore written into a buffer kept here and handed
+    out as a *view*; a buffer is reused only once nothing else holds its storage (every view,
+    slice, autograd-saved input or NumPy array of a batch keeps a storage reference, which
+    ``torch._C._storage_Use_Count`` sees). Where that count is unavailable, every batch gets
+    a fresh tensor, as without buffers.
+    """
+
+    def __init__(self, slots: int = 2) -> None:
+        self.slots = slots
+        self.bufs: list[torch.Tensor] = []
+        self.next = 0
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        self._count = count
+        self._free_count = self._uses(torch.empty(1)) if count is not None else None
+
+    def _uses(self, t: torch.Tensor) -> int | None:
+        try:
+            return int(self._count(t.untyped_storage()._cdata))  # type: ignore[misc]
+        except Exception:  # an internal API: any surprise means "do not reuse"
+            return None
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 CPU tensor of ``shape`` that nobody else references."""
+        if self._free_count is not None:
+            for b in self.bufs:
+                if tuple(b.shape) == shape and self._uses(b) == self._free_count:
+                    return b
+        buf = torch.empty(shape)
+        if self._free_count is not None:
+            if len(self.bufs) < self.slots:
+                self.bufs.append(buf)
+            else:  # drop the oldest (its holder keeps it alive as long as needed)
+                self.bufs[self.next] = buf
+                self.next = (self.next + 1) % self.slots
+        return buf
+
+
+def _resize(x: torch.Tensor, image_size: int, buffers: OutputBuffers | None = None) -> torch.Tensor:
+    if x.shape[-2:] == (image_size, image_size):
+        return x
+    down = x.shape[-1] > image_size or x.shape[-2] > image_size
+    if buffers is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        # the out= form of exactly the kernel F.interpolate calls (bitwise the same result)
+        buf = buffers.take((*x.shape[:-2], image_size, image_size))
+        op = torch.ops.aten._upsample_bilinear2d_aa if down else torch.ops.aten.upsample_bilinear2d
+        op.out(x, [image_size, image_size], False, None, None, out=buf)
+        return buf.view(buf.shape)  # a view: holding it keeps the buffer from being reused
+    return F.interpolate(
+        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
+    )
+
+
+def _flip(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _flip_(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """:func:`_flip` in place on a tensor we own, a few images at a time (small temporaries
+    instead of two more full-size tensors: fresh large CPU allocations are slow, see
+    :class:`OutputBuffers`). The same values as :func:`_flip`: both only move data."""
+    if x.device.type != "cpu":
+        return _flip(x, flip)
+    for part in flip.nonzero().flatten().split(8):
+        x[part] = x[part].flip(-1)
+    return x
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB -> ImageNet-normalised (in place)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
 def preprocess(
-    images: torch.Tensor, image_size: int, flip: torch.Tensor | None = None
+    images: torch.Tensor,
+    image_size: int,
+    flip: torch.Tensor | None = None,
+    overlay: BatchOverlay | None = None,
+    buffers: OutputBuffers | None = None,
 ) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> normalised float ``[B, 3, S, S]``.
 
     Resizing is bilinear; downsampling is antialiased (what PIL's ``Resize`` does per image).
-    ``flip`` is a boolean mask of the images to mirror horizontally.
+    ``flip`` is a boolean mask of the images to mirror horizontally. ``overlay`` blends the
+    selected images with their maps (resized and flipped like the images, see
+    :class:`Overlay`).
+
+    ``buffers`` (CPU): where the resized batch may be written (see :class:`OutputBuffers`);
+    the flips and the normalisation then work in place on it, so no other full-size tensor is
+    allocated. The result is bitwise the same with or without buffers.
     """
-    x = images.float().div_(255.0)
-    if x.shape[-2:] != (image_size, image_size):
-        down = x.shape[-1] > image_size or x.shape[-2] > image_size
-        x = F.interpolate(
-            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
-        )
+    if overlay is None or not bool(overlay.apply.any()):
+        x = _resize(images.float().div_(255.0), image_size, buffers)
+        if flip is not None and bool(flip.any()):
+            x = _flip_(x, flip) if buffers is not None else _flip(x, flip)
+        return normalise(x)
+    x = _resize(images.float().div_(255.0), image_size)
+    m = None
+    if overlay is not None and bool(overlay.apply.any()):
+        m = _resize(overlay.maps.float().div_(255.0).unsqueeze(1), image_size)
     if flip is not None and bool(flip.any()):
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+        if m is not None:
+            m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+    if m is not None and overlay is not None:
+        a = overlay.alpha
+        mixed = (1 - a) * x + a * (x * m if overlay.mode == "mask" else m)
+        x = torch.where(overlay.apply[:, None, None, None], mixed, x)
+    return normalise(x)
 
 
 class Batches:
@@ -49,6 +184,8 @@ class Batches:
         seed: base seed of the order and flips.
         device: where batches are produced; the uint8 data is moved there once.
         order: a fixed index order to use instead (the probe set); implies no shuffling.
+
+    :meth:`with_overlay` returns a copy that overlays per-example maps (see :class:`Overlay`).
     """
 
     def __init__(
@@ -70,6 +207,24 @@ class Batches:
         self.train = train
         self.seed = seed
         self.order = order
+        self.overlay: Overlay | None = None
+
+    def with_overlay(self, overlay: Overlay) -> Batches:
+        """A copy (sharing the image tensors) that overlays ``overlay.maps`` on a seeded
+        fraction ``overlay.prob`` of each epoch's images."""
+        n, _, h, w = self.images.shape
+        if tuple(overlay.maps.shape) != (n, h, w) or overlay.maps.dtype != torch.uint8:
+            raise ValueError(
+                f"overlay maps must be uint8 [{n}, {h}, {w}] like the images, got "
+                f"{overlay.maps.dtype} {list(overlay.maps.shape)}"
+            )
+        if overlay.mode not in OVERLAY_MODES:
+            raise ValueError(f"overlay mode {overlay.mode!r}; choose one of {OVERLAY_MODES}")
+        new = copy.copy(self)
+        new.overlay = Overlay(
+            overlay.maps.to(self.device), float(overlay.prob), float(overlay.alpha), overlay.mode
+        )
+        return new
 
     @property
     def num_examples(self) -> int:
@@ -92,7 +247,11 @@ class Batches:
         else:
             idx = torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.train else None
+        ov = self.overlay
+        # drawn after the order and the flips, which therefore do not change
+        overlaid = (torch.rand(n, generator=g) < ov.prob).to(self.device) if ov else None
         idx = idx.to(self.device)
+        buffers = OutputBuffers() if self.device.type == "cpu" else None  # freed with the epoch
         for start in range(start_batch * self.batch_size, n, self.batch_size):
             b = idx[start : start + self.batch_size]
             flip = (
@@ -100,7 +259,14 @@ class Batches:
                 if flips is not None
                 else None
             )
-            yield preprocess(self.images[b], self.image_size, flip), self.labels[b]
+            part = (
+                BatchOverlay(
+                    ov.maps[b], overlaid[start : start + self.batch_size], ov.alpha, ov.mode
+                )
+                if ov is not None and overlaid is not None
+                else None
+            )
+            yield preprocess(self.images[b], self.image_size, flip, part, buffers), self.labels[b]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)

@@ -5,10 +5,15 @@ student's and teacher's outputs; its weight follows a linear ramp over the repai
 
     w_t = w* (t - 1) / (T - 1),  t = 1..T   (w_t = 0 when T = 1)
 
-so epoch 1 is pure cross-entropy ("surgery repair"). Presets:
+so epoch 1 is pure cross-entropy ("surgery repair"); ``ramp: none`` terms keep their weight.
+The terms come from ``kd.terms`` (:func:`terms_from_config`); the presets in ``conf/kd/``:
 
 * ``staged_cosine`` (the paper): CE + alpha_t (1 - cos(z_s, z_t)) + beta_t (1 - cos(phi_s, phi_t))
 * ``hinton`` (Algorithm 1's "CE+KL ramp"): CE + alpha_t T^2 KL(softmax(z_t/T) || softmax(z_s/T))
+* ``ce_only``: CE alone (plain fine-tuning)
+* ``attention_transfer``: CE + gamma_t AT (+ alpha_t T^2 KL when ``kd.alpha > 0``)
+* ``ig_overlay`` / ``ig_at``: Hinton KD (/ + AT) on images overlaid with the teacher's
+  integrated-gradients maps (:mod:`m2mdc.distill.ig`)
 
 Example, a new term::
 
@@ -19,8 +24,9 @@ Example, a new term::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,9 @@ class KDOutputs:
     t_feat: torch.Tensor  # already mapped to the student's feature space (see FeatureAligner)
     labels: torch.Tensor
     temperature: float = 4.0
+    # stage outputs (adapter.feature_stages), collected only when a term needs them
+    s_stages: Mapping[str, torch.Tensor] | None = None
+    t_stages: Mapping[str, torch.Tensor] | None = None
 
 
 KD_TERMS: Registry[Callable[[KDOutputs], torch.Tensor]] = Registry("kd term")
@@ -72,6 +81,46 @@ def kl(o: KDOutputs) -> torch.Tensor:
     ) * (t * t)
 
 
+def attention_map(a: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: channel mean of ``|A|^2``, ``[B, 1, H, W]``."""
+    return a.float().pow(2).mean(1, keepdim=True)
+
+
+@KD_TERMS.register("attention_transfer")
+def attention_transfer(o: KDOutputs) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, eq. 2 with p = 2, not squared).
+
+    Per stage present in both networks: ``Q = vec(mean_c |A_c|^2) / ||vec(...)||_2``, loss
+    ``||Q_s - Q_t||_2`` per image (in [0, 2]), averaged over the batch, then over the stages.
+    Channel counts may differ (sliced students); a student map of another spatial size is
+    resized (bilinear) to the teacher's. Stages whose map is 1x1 carry no spatial information
+    (always equal after normalisation) and are skipped.
+    """
+    if o.s_stages is None or o.t_stages is None:
+        raise RuntimeError("attention_transfer needs the stage outputs (s_stages, t_stages)")
+    losses = []
+    for name, s_act in o.s_stages.items():
+        if name not in o.t_stages:
+            continue
+        qs, qt = attention_map(s_act), attention_map(o.t_stages[name])
+        if qt.shape[-2] * qt.shape[-1] <= 1:
+            continue
+        if qs.shape[-2:] != qt.shape[-2:]:
+            qs = F.interpolate(qs, size=qt.shape[-2:], mode="bilinear", align_corners=False)
+        qs, qt = F.normalize(qs.flatten(1), dim=1), F.normalize(qt.flatten(1), dim=1)
+        losses.append(torch.linalg.vector_norm(qs - qt, dim=1).mean())
+    if not losses:
+        return o.s_logits.new_zeros(())
+    return torch.stack(losses).mean()
+
+
+STAGE_TERMS = frozenset({"attention_transfer"})
+"""Terms that need the stage outputs (collected with forward hooks only when configured)."""
+
+LOG_NAMES = {"logit_cosine": "logit_align", "feature_cosine": "feat_align"}
+"""The paper's metric names of its two alignment terms; other terms log under their own name."""
+
+
 def ramp(epoch: int, epochs: int, peak: float) -> float:
     """Linear ramp ``peak (t-1)/(T-1)`` over epochs ``t = 1..T``; 0 throughout when T <= 1."""
     if epochs <= 1:
@@ -87,6 +136,7 @@ class Term:
     weight: float
     ramped: bool = True
     log_as: str | None = None  # the name in metrics (paper: logit_align, feat_align)
+    temperature: float | None = None  # kl only; None: the run's kd.temperature
 
     def weight_at(self, epoch: int, epochs: int) -> float:
         return ramp(epoch, epochs, self.weight) if self.ramped else self.weight
@@ -104,7 +154,67 @@ def preset_terms(name: str, alpha: float, beta: float) -> list[Term]:
         return [Term("ce", 1.0, ramped=False), Term("kl", alpha, log_as="kl")]
     from m2mdc.errors import M2MError
 
-    raise M2MError(f"kd={name} is not valid; choose one of: staged_cosine, hinton")
+    raise M2MError(
+        f"kd.terms is empty and kd={name} has no built-in terms; give kd.terms "
+        "(e.g. kd.terms=[{name:ce,weight:1,ramp:none}]) or choose kd=staged_cosine or hinton"
+    )
+
+
+def terms_from_config(kd: Any) -> list[Term]:
+    """The weighted terms of a ``kd`` config section (validated, see ``config.check_kd_terms``).
+
+    ``kd.terms`` (a list of ``{name, weight, ramp: linear|none, temperature}``) defines them;
+    when it is empty (configs written before terms existed), the legacy presets
+    ``staged_cosine`` / ``hinton`` are rebuilt from ``kd.name``, ``kd.alpha`` and ``kd.beta``.
+    Terms log under :data:`LOG_NAMES` (the paper's ``logit_align`` / ``feat_align``) or their own
+    name; a repeated name gets a suffix (``kl_2``).
+    """
+    from m2mdc.config import check_kd_terms
+
+    raw = kd.get("terms") if hasattr(kd, "get") else None
+    if not raw:
+        return preset_terms(str(kd.get("name", "staged_cosine")), float(kd.alpha), float(kd.beta))
+    check_kd_terms(raw)
+    terms: list[Term] = []
+    seen: dict[str, int] = {}
+    for t in raw:
+        name = str(t["name"])
+        log = LOG_NAMES.get(name, name)
+        seen[log] = seen.get(log, 0) + 1
+        if seen[log] > 1:
+            log = f"{log}_{seen[log]}"
+        temperature = t.get("temperature")
+        terms.append(
+            Term(
+                name,
+                float(t.get("weight", 1.0)),
+                ramped=str(t.get("ramp", "linear")) == "linear",
+                log_as=log,
+                temperature=None if temperature is None else float(temperature),
+            )
+        )
+    return terms
+
+
+def needs_stages(terms: list[Term]) -> bool:
+    return any(t.name in STAGE_TERMS for t in terms)
+
+
+WEIGHT_ALIASES = {"logit_align": "alpha", "feat_align": "beta", "kl": "alpha"}
+"""The paper's names of the per-epoch weights (metrics ``alpha``, ``beta``)."""
+
+
+def term_weights(terms: list[Term], epoch: int, epochs: int) -> dict[str, float]:
+    """Every term's weight at ``epoch``: ``alpha``/``beta`` for the paper's alignment terms (and
+    Hinton's KL), ``w_<log name>`` for the others."""
+    info: dict[str, float] = {}
+    for t in terms:
+        log = t.log_as or t.name
+        key = WEIGHT_ALIASES.get(log, "")
+        if not key or key in info:
+            key = f"w_{log}"
+        info[key] = t.weight_at(epoch, epochs)
+    return info
 
 
 def combine(
@@ -119,7 +229,8 @@ def combine(
     logged: dict[str, torch.Tensor] = {}
     for term in terms:
         w = term.weight_at(epoch, epochs)
-        value = KD_TERMS.get(term.name)(outputs)
+        o = outputs if term.temperature is None else replace(outputs, temperature=term.temperature)
+        value = KD_TERMS.get(term.name)(o)
         logged[term.log_as or term.name] = value.detach()
         if w:
             total = total + w * value

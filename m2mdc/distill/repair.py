@@ -6,15 +6,18 @@ and gradient clipping on the weighted KD terms of :mod:`m2mdc.distill.losses`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from m2mdc.arch import get_adapter
-from m2mdc.data.loader import Batches
-from m2mdc.distill.losses import KDOutputs, Term, combine
+from m2mdc.data.loader import Batches, preprocess
+from m2mdc.distill.losses import KDOutputs, Term, combine, needs_stages, term_weights
+from m2mdc.train import perf as perf_mod
 from m2mdc.train.loop import FitResult, fit
 
 
@@ -60,6 +63,45 @@ class FeatureAligner(nn.Module):
         return s, t
 
 
+class StageTap:
+    """Forward hooks on ``adapter.feature_stages(model)`` that keep the stage outputs of the
+    forward passes run inside :meth:`collect` (and nothing otherwise, e.g. during evaluation).
+
+    Example:
+        >>> tap = StageTap(model)
+        >>> with tap.collect() as stages:
+        ...     logits = model(x)  # stages: {"layer1": tensor, ...}
+        >>> tap.remove()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._active: dict[str, torch.Tensor] | None = None
+        self._handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in get_adapter(model).feature_stages(model).items()
+        ]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            if self._active is not None:
+                self._active[name] = output
+
+        return hook
+
+    @contextmanager
+    def collect(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._active = {}
+        try:
+            yield self._active
+        finally:
+            self._active = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def kd_repair(
     student: nn.Module,
     teacher: nn.Module,
@@ -76,41 +118,62 @@ def kd_repair(
     desc: str,
     feature_index: Sequence[int] | None = None,
     feature_match: str = "kept_channels",
+    perf: Any = None,
 ) -> FitResult:
     """Train ``student`` against ``teacher`` for ``epochs`` epochs; history logs every term and
-    its weight per epoch (``alpha``/``beta`` for the paper's two alignment terms)."""
+    its weight per epoch (``alpha``/``beta`` for the paper's two alignment terms).
+
+    ``perf`` (the ``perf`` config section, :mod:`m2mdc.train.perf`) applies to both networks'
+    forward passes; None = plain float32."""
     adapter = get_adapter(student)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    probe = next(iter(test))[0][:2]
+    # two test images are enough to read the feature widths (not a whole preprocessed batch)
+    probe = preprocess(test.images[:2], test.image_size)
     with torch.no_grad():
         s_dim = adapter.forward_features(student.eval(), probe)[0].shape[1]
         t_dim = get_adapter(teacher).forward_features(teacher, probe)[0].shape[1]
     aligner = FeatureAligner(s_dim, t_dim, feature_match, feature_index).to(train.device)
     t_adapter = get_adapter(teacher)
+    perf_mod.apply_memory_format(teacher, perf)  # the student's is set by fit()
+    # the two forward passes, through torch.compile when perf.compile is set
+    t_forward = perf_mod.compiled(lambda x: t_adapter.forward_features(teacher, x), perf)
+    s_forward = perf_mod.compiled(lambda x: adapter.forward_features(student, x), perf)
+    # stage outputs for attention transfer: hooks only when a term needs them
+    taps = (StageTap(student), StageTap(teacher)) if needs_stages(terms) else None
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        with torch.no_grad():
-            t_feat, t_logits = t_adapter.forward_features(teacher, x)
-        s_feat, s_logits = adapter.forward_features(model, x)
+        # The teacher runs under no_grad, not inference_mode: the KD terms (cosine, KL) save
+        # their inputs, the teacher's outputs included, for backward, and inference tensors
+        # cannot be saved for backward.
+        if taps is None:
+            with torch.no_grad():
+                t_feat, t_logits = t_forward(x)
+            s_feat, s_logits = s_forward(x)
+            s_stages = t_stages = None
+        else:
+            with torch.no_grad(), taps[1].collect() as t_stages:
+                t_feat, t_logits = t_forward(x)
+            with taps[0].collect() as s_stages:
+                s_feat, s_logits = s_forward(x)
+        # the loss terms in float32 whatever perf.amp ran the forwards in (no-ops otherwise)
+        t_feat, t_logits, s_feat, s_logits = (
+            t_feat.float(),
+            t_logits.float(),
+            s_feat.float(),
+            s_logits.float(),
+        )
         s_al, t_al = aligner(s_feat, t_feat)
-        out = KDOutputs(s_logits, t_logits, s_al, t_al, y, temperature)
+        out = KDOutputs(s_logits, t_logits, s_al, t_al, y, temperature, s_stages, t_stages)
         loss, logged = combine(terms, out, epoch, epochs)
         return loss, s_logits, logged
 
     def epoch_info(epoch: int) -> dict[str, float]:
-        info = {}
-        for t in terms:
-            if t.ramped:
-                key = {"logit_align": "alpha", "feat_align": "beta", "kl": "alpha"}.get(
-                    t.log_as or "", f"w_{t.name}"
-                )
-                info[key] = t.weight_at(epoch, epochs)
-        return info
+        return term_weights(terms, epoch, epochs)
 
     params = list(student.parameters()) + list(aligner.parameters())
-    return fit(
+    result = fit(
         student,
         params,
         train,
@@ -124,4 +187,8 @@ def kd_repair(
         desc=desc,
         epoch_info=epoch_info,
         extra_state=aligner,
+        perf=perf,
     )
+    for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
+        tap.remove()
+    return result

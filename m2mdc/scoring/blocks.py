@@ -167,6 +167,8 @@ def score_blocks(
     bins: int = 10,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    pooled: Mapping[str, Tensor] | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """Score every block with the registered ``method``.
 
@@ -182,14 +184,17 @@ def score_blocks(
         bins: quantile bins for MI.
         seed: seed for stochastic methods.
         progress: optional ``progress(done, total)`` callback for the probe pass.
+        pooled, labels: activations already collected for ``block_modules`` (name -> ``[N, C]``)
+            and their labels; the probe pass is then skipped (e.g. the score stage collects
+            the blocks and the stage outputs in one pass).
 
     Returns:
         block name -> score, in ``block_modules`` order.
     """
     scorer = BLOCK_SCORERS.get(method)
-    pooled: dict[str, Tensor] = {}
-    labels = None
-    if scorer.needs_activations:
+    if not scorer.needs_activations:
+        pooled, labels = {}, None
+    elif pooled is None or labels is None:
         if batches is None:
             raise ValueError(f"score method '{method}' needs probe batches")
         pooled, labels = collect_pooled(model, block_modules, batches, probe_samples, progress)

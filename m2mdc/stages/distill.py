@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
-from m2mdc.distill.losses import preset_terms
+from m2mdc.distill.ig import overlay_batches
+from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.ui import log
@@ -22,11 +23,21 @@ def run(ctx: Context) -> dict[str, Any]:
     teacher = ctx.load_model("teacher")
     student = ctx.load_model("prune")
     start = read_json(ctx.run_dir / "prune" / "metrics.json")["top1"]
-    terms = preset_terms(kd.name, float(kd.alpha), float(kd.beta))
+    terms = terms_from_config(kd)
+    train = ctx.train_batches()
+    if int(kd.epochs) > 0:  # kd.ig.prob > 0: the teacher's IG maps overlaid on the images
+        train = overlay_batches(
+            train,
+            teacher,
+            ig_cfg=kd.ig,
+            teacher_path=ctx.run_dir / "teacher" / "model.pt",
+            data=ctx.data("train"),
+            cache_dir=ctx.cache_dir if cfg.use_cache else None,
+        )
     result = kd_repair(
         student,
         teacher,
-        ctx.train_batches(),
+        train,
         ctx.test_batches(),
         terms=terms,
         epochs=int(kd.epochs),
@@ -37,6 +48,7 @@ def run(ctx: Context) -> dict[str, Any]:
         fingerprint=ctx.fingerprint("distill"),
         desc="distill",
         feature_match=str(kd.feature_match),
+        perf=cfg.perf,
     )
     final = result.history[-1]["test_top1"] if result.history else start
     metrics = {

@@ -111,10 +111,15 @@ def run(ctx: Context) -> dict[str, Any]:
         state_path=out / "state.pt",
         fingerprint=ctx.fingerprint("teacher"),
         desc="teacher",
+        perf=cfg.perf,
     )
     for p in model.parameters():
         p.requires_grad_(True)
-    final = result.history[-1]["test_top1"] if result.history else evaluate(model, test)["top1"]
+    final = (
+        result.history[-1]["test_top1"]
+        if result.history
+        else evaluate(model, test, cfg.perf)["top1"]
+    )
     metrics = {
         "top1": final,
         "epochs": result.history,

@@ -11,6 +11,7 @@ Three modes, chosen by what exists:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from m2mdc.arch import get_adapter
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import atomic_write_json, load_checkpoint
 from m2mdc.pipeline import Context, Stage, register_stage
-from m2mdc.profiling import count_macs, count_params, measure_latency
+from m2mdc.profiling import count_macs, count_params, measure_latencies
 from m2mdc.ui import console, table
 
 # summary row name -> stage directory holding its model.pt, in pipeline order
@@ -53,28 +54,67 @@ def input_size(ctx: Context) -> int:
 
 
 def profile_one(model: nn.Module, ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg.profile
+    """Parameters and MACs of one model (latency: :func:`measure_all`)."""
     size = input_size(ctx)
-    row: dict[str, Any] = {
-        "params": count_params(model),
-        **count_macs(model, size),
-        "input_size": size,
-    }
-    if cfg.latency:
-        for bs in cfg.batch_sizes:
-            lat = measure_latency(
-                model,
-                size,
-                batch_size=int(bs),
-                warmup=int(cfg.latency_warmup),
-                repeats=int(cfg.latency_repeats),
-                device=str(ctx.device),
-            )
-            key = "latency_ms" if bs == 1 else f"latency_ms_b{bs}"
-            row[key] = lat["latency_ms"]
-            row["threads"] = lat["threads"]
-            row["device"] = lat["device"]
-    return row
+    return {"params": count_params(model), **count_macs(model, size), "input_size": size}
+
+
+def latency_key(batch_size: int, name: str = "latency_ms") -> str:
+    """``latency_ms`` for batch 1, ``latency_ms_b64`` for batch 64 (same for speedups)."""
+    return name if batch_size == 1 else f"{name}_b{batch_size}"
+
+
+def measure_all(
+    models: dict[str, nn.Module], rows: dict[str, dict[str, Any]], ctx: Context
+) -> None:
+    """Latency of every model at every ``profile.batch_sizes``, into ``rows``.
+
+    The models are timed interleaved (one forward of each per round), so their latency
+    ratios are robust to load changes on a shared machine. A batch of ``bs`` images runs
+    ``bs`` times longer and its timing is that much less noisy, so batches beyond 1 use
+    ``max(5, ceil(latency_repeats / sqrt(bs)))`` repeats and at most 2 warm-up passes (batch
+    64: 5 and 2 instead of 30 and 5, which keeps ResNet-34 at 224 on a CPU from taking
+    minutes per model).
+    """
+    cfg = ctx.cfg.profile
+    for bs in (int(b) for b in cfg.batch_sizes):
+        repeats, warmup = int(cfg.latency_repeats), int(cfg.latency_warmup)
+        if bs > 1:
+            repeats = max(5, math.ceil(repeats / math.sqrt(bs)))
+            warmup = min(warmup, 2)
+        lats = measure_latencies(
+            models,
+            input_size(ctx),
+            batch_size=bs,
+            warmup=warmup,
+            repeats=repeats,
+            device=str(ctx.device),
+        )
+        for name, lat in lats.items():
+            rows[name][latency_key(bs)] = lat["latency_ms"]
+            rows[name]["threads"] = lat["threads"]
+            rows[name]["device"] = lat["device"]
+
+
+def add_ratios(rows: dict[str, dict[str, Any]], batch_sizes: list[int]) -> None:
+    """Reductions and realised speedups of every model against the first (the teacher):
+    ``params/macs_reduction_pct``; for the others also ``mac_ratio`` (base MACs / model
+    MACs), ``latency_speedup`` (base / model batch-1 latency), ``latency_speedup_b<N>`` for
+    the other batch sizes, and ``speedup_over_mac_ratio`` (how much of the MAC reduction
+    the batch-1 latency realises; 1 = all of it)."""
+    base_name, base = next(iter(rows.items()))
+    for name, r in rows.items():
+        r["params_reduction_pct"] = 100.0 * (1 - r["params"] / base["params"])
+        r["macs_reduction_pct"] = 100.0 * (1 - r["macs"] / base["macs"])
+        if name == base_name:
+            continue
+        r["mac_ratio"] = base["macs"] / r["macs"] if r["macs"] else None
+        for bs in batch_sizes:
+            key = latency_key(int(bs))
+            if r.get(key) and base.get(key):
+                r[latency_key(int(bs), "latency_speedup")] = base[key] / r[key]
+        if r.get("latency_speedup") and r.get("mac_ratio"):
+            r["speedup_over_mac_ratio"] = r["latency_speedup"] / r["mac_ratio"]
 
 
 def _fingerprint_extra(ctx: Context) -> Any:
@@ -110,10 +150,9 @@ def run(ctx: Context) -> dict[str, Any]:
     with torch.inference_mode():
         for name, model in models.items():
             rows[name] = profile_one(model.eval(), ctx)
-    base_row = next(iter(rows.values()))
-    for r in rows.values():
-        r["params_reduction_pct"] = 100.0 * (1 - r["params"] / base_row["params"])
-        r["macs_reduction_pct"] = 100.0 * (1 - r["macs"] / base_row["macs"])
+        if cfg.profile.latency:
+            measure_all(models, rows, ctx)
+    add_ratios(rows, [int(b) for b in cfg.profile.batch_sizes] if cfg.profile.latency else [])
     metrics = {
         "mode": mode,
         "input_size": input_size(ctx),
@@ -131,6 +170,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "latency_ms",
         "params_reduction_pct",
         "macs_reduction_pct",
+        "latency_speedup",
+        "speedup_over_mac_ratio",
     ]
     console.print(
         table(

@@ -36,9 +36,9 @@ def run(ctx: Context) -> dict[str, Any]:
         student = adapter.keep(teacher, keep)
         source = f"lowest {scores_doc['method']} scores"
     test = ctx.test_batches()
-    before = evaluate(student, test)["top1"]
+    before = evaluate(student, test, cfg.perf)["top1"]
     used = recalibrate_bn(student, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
-    after = evaluate(student, test)["top1"]
+    after = evaluate(student, test, cfg.perf)["top1"]
     teacher_top1 = read_json(ctx.run_dir / "teacher" / "metrics.json")["top1"]
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
     plan = {

@@ -15,7 +15,7 @@ from m2mdc.data.datasets import class_interleaved_order
 from m2mdc.data.loader import Batches
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.scoring.activations import collect_pooled
-from m2mdc.scoring.blocks import rank, score_blocks
+from m2mdc.scoring.blocks import BLOCK_SCORERS, rank, score_blocks
 from m2mdc.scoring.mi import binned_mi
 from m2mdc.ui import console, log, table
 
@@ -42,22 +42,28 @@ def run(ctx: Context) -> dict[str, Any]:
     blocks = adapter.blocks(teacher)
     probe = probe_batches(ctx)
     modules = {b.name: adapter.block_module(teacher, b.name) for b in blocks}
+    # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
+    stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
+    # one probe pass for the stage outputs and (when the method needs them) the blocks
+    wanted = {f"stage:{s}": m for s, m in stage_out.items()}
+    if BLOCK_SCORERS.get(cfg.score.method).needs_activations:
+        wanted.update({f"block:{n}": m for n, m in modules.items()})
+    pooled, labels = collect_pooled(teacher, wanted, probe.epoch(0), probe.num_examples)
     scores = score_blocks(
         teacher,
         modules,
         cfg.score.method,
-        probe,
-        probe.num_examples,
         bins=int(cfg.score.bins),
         seed=int(cfg.seed),
+        pooled={n: pooled[f"block:{n}"] for n in modules if f"block:{n}" in pooled},
+        labels=labels,
     )
     ranks = rank(scores)
-    # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
-    stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
-    pooled, labels = collect_pooled(teacher, stage_out, probe.epoch(0), probe.num_examples)
     channels = {
-        s: binned_mi(z, labels, bins=int(cfg.score.bins), num_classes=ctx.num_classes).tolist()
-        for s, z in pooled.items()
+        s: binned_mi(
+            pooled[f"stage:{s}"], labels, bins=int(cfg.score.bins), num_classes=ctx.num_classes
+        ).tolist()
+        for s in stage_out
     }
     rows = [
         {

@@ -16,7 +16,8 @@ from torch import nn
 
 from m2mdc.arch import SlicePlan, get_adapter
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json, save_checkpoint
-from m2mdc.distill.losses import preset_terms
+from m2mdc.distill.ig import overlay_batches
+from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.errors import M2MError
 from m2mdc.pipeline import Context, Stage, register_stage
@@ -79,7 +80,17 @@ def run(ctx: Context) -> dict[str, Any]:
     do_planes, do_mid = POLICIES[sc.name]
     train, test = ctx.train_batches(), ctx.test_batches()
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
-    terms = preset_terms(cfg.kd.name, float(cfg.kd.alpha), float(cfg.kd.beta))
+    terms = terms_from_config(cfg.kd)
+    kd_train = train  # the repairs' batches: with the IG overlay when kd.ig.prob > 0
+    if int(sc.repair_epochs) > 0 and (do_planes or do_mid):
+        kd_train = overlay_batches(
+            train,
+            teacher,
+            ig_cfg=cfg.kd.ig,
+            teacher_path=ctx.run_dir / "teacher" / "model.pt",
+            data=ctx.data("train"),
+            cache_dir=ctx.cache_dir if cfg.use_cache else None,
+        )
     feat_index = list(range(adapter.classifier(teacher).in_features))
     start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
     steps: list[dict[str, Any]] = []
@@ -137,14 +148,14 @@ def run(ctx: Context) -> dict[str, Any]:
         row: dict[str, Any] = {
             "step": n,
             "stage": stage,
-            "top1_sliced": evaluate(student, test)["top1"],
+            "top1_sliced": evaluate(student, test, cfg.perf)["top1"],
         }
         row["bn_recal_batches"] = recalibrate_bn(student, train, int(cfg.prune.bn_recal_batches))
-        row["top1_recal"] = evaluate(student, test)["top1"]
+        row["top1_recal"] = evaluate(student, test, cfg.perf)["top1"]
         result = kd_repair(
             student,
             teacher,
-            train,
+            kd_train,
             test,
             terms=terms,
             epochs=int(sc.repair_epochs),
@@ -156,6 +167,7 @@ def run(ctx: Context) -> dict[str, Any]:
             desc=f"slice {stage}",
             feature_index=feat_index,
             feature_match=str(cfg.kd.feature_match),
+            perf=cfg.perf,
         )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
         row["top1_repaired"] = (
