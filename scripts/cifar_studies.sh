@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The measured studies behind the README's CIFAR-10-subset tables, on a CPU.
+#
+#   scripts/cifar_studies.sh [--data DIR] [--out DIR] [STUDY ...]
+#
+# STUDY (default: all, in this order):
+#   sweep      3 seeds x prune.ratio 0.25,0.5, the full pipeline (teacher -> scores -> block_kd
+#              -> inner_slice with the bn_l1 selector); teachers and scores shared via the cache
+#   selectors  the same with slice.selector=cmi at prune.ratio=0.5 (same widths, so equal MACs)
+#   mobilenet  model=mobilenet_v2, the full pipeline, 3 seeds at prune.ratio=0.5
+#   kd         the KD toolbox head to head: kd=ce_only,staged_cosine,hinton,attention_transfer,
+#              ig_overlay,ig_at x 3 seeds, one pruned ResNet-18 student (ratio 0.5), no slicing
+#   nocache    the sweep again with use_cache=false, for its wall time
+# Each study writes <out>/<study>/ (Hydra sweep dirs), <out>/<study>/report/ (m2mdc report) and
+# <out>/<study>/wall_seconds. Settings: conf/experiment/cifar10_subset.yaml.
+#
+# --data: the extracted CIFAR-10 subset (default: extract ../shared/data/cifar10-subset.zip
+# into $TMPDIR/m2mdc-cifar10-subset once). --out: default outputs/studies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=""
+OUT=outputs/studies
+STUDIES=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --data) DATA="${2:?--data needs a directory}"; shift 2 ;;
+    --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    sweep | selectors | mobilenet | kd | nocache) STUDIES+=("$1"); shift ;;
+    *) echo "cifar_studies.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ ${#STUDIES[@]} -gt 0 ]] || STUDIES=(sweep selectors mobilenet kd nocache)
+
+M2MDC=${M2MDC:-}
+if [[ -z "$M2MDC" ]]; then
+  if [[ -x .venv/bin/m2mdc ]]; then M2MDC=.venv/bin/m2mdc; else M2MDC=m2mdc; fi
+fi
+
+if [[ -z "$DATA" ]]; then
+  ZIP=../shared/data/cifar10-subset.zip
+  DATA="${TMPDIR:-/tmp}/m2mdc-cifar10-subset"
+  if [[ ! -d "$DATA/train" ]]; then
+    [[ -f "$ZIP" ]] || { echo "cifar_studies.sh: $ZIP not found; pass --data DIR" >&2; exit 2; }
+    mkdir -p "$DATA"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$ZIP" "$DATA"
+  fi
+fi
+
+COMMON=(experiment=cifar10_subset "dataset.root=$DATA" "cache_dir=$OUT/cache")
+SEEDS=seed=42,99,123
+
+study() {  # study NAME overrides...: one Hydra multirun under $OUT/NAME, timed, then its report
+  local name=$1
+  shift
+  local dir="$OUT/$name"
+  mkdir -p "$dir"
+  local t0=$SECONDS
+  "$M2MDC" run -m "${COMMON[@]}" "hydra.sweep.dir=$dir/runs" "$@"
+  echo $((SECONDS - t0)) >"$dir/wall_seconds"
+  "$M2MDC" report "$dir/runs" --out "$dir/report"
+  echo "cifar_studies.sh: $name took $(cat "$dir/wall_seconds") s"
+}
+
+for s in "${STUDIES[@]}"; do
+  case "$s" in
+    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 ;;
+    selectors) study selectors "$SEEDS" prune.ratio=0.5 slice.selector=cmi ;;
+    mobilenet) study mobilenet "$SEEDS" prune.ratio=0.5 model=mobilenet_v2 ;;
+    kd) study kd "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=16 \
+      kd=ce_only,staged_cosine,hinton,attention_transfer,ig_overlay,ig_at ;;
+    nocache) study nocache "$SEEDS" prune.ratio=0.25,0.5 use_cache=false ;;
+  esac
+done
