@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from m2mdc.cli import main, split_overrides
@@ -105,3 +107,30 @@ def test_split_overrides_keeps_hydra_flags_and_their_values():
     ov, fl = split_overrides(["-m", "seed=1,2", "--cfg", "job", "prune.ratio=0.1", "-p", "model"])
     assert ov == ["seed=1,2", "prune.ratio=0.1"]
     assert fl == ["-m", "--cfg", "job", "-p", "model"]
+
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_validates(compose_cfg, exp, tmp_path):
+    # an image-folder experiment needs its root; any existing directory passes validation
+    cfg = compose_cfg(f"experiment={exp}", f"dataset.root={tmp_path}")
+    validate(cfg)
+    assert cfg.experiment_name == exp
+
+
+def test_cifar10_subset_experiment_is_resnet18_from_scratch_on_the_full_subset(compose_cfg):
+    cfg = compose_cfg("experiment=cifar10_subset", "dataset.root=/data/c10")
+    assert (cfg.model.name, cfg.model.pretrained, cfg.teacher.unfreeze) == (
+        "resnet18",
+        False,
+        "all",
+    )
+    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.limit_train) == (
+        "imagefolder",
+        32,
+        None,
+    )

@@ -45,13 +45,17 @@ def ce(m, x, y, epoch):
 
 
 def run_fit(model: nn.Module, tmp_path, cfg) -> list[dict]:
+    return fit_result(model, tmp_path, cfg).history
+
+
+def fit_result(model: nn.Module, tmp_path, cfg, epochs: int = 2):
     train, test = batches()
     return fit(
         model,
         model.parameters(),
         train,
         test,
-        epochs=2,
+        epochs=epochs,
         lr=1e-2,
         grad_clip=1.0,
         loss_fn=ce,
@@ -59,7 +63,7 @@ def run_fit(model: nn.Module, tmp_path, cfg) -> list[dict]:
         fingerprint="fp",
         desc="t",
         perf=cfg,
-    ).history
+    )
 
 
 def test_defaults_are_no_ops() -> None:
@@ -169,21 +173,7 @@ def test_final_state_leaves_out_the_optimizer(tmp_path) -> None:
 
 def test_final_state_of_a_shorter_run_is_not_resumed(tmp_path) -> None:
     run_fit(tiny(), tmp_path, None)  # 2 epochs, final state without optimizer
-    train, test = batches()
-    model = tiny()
-    res = fit(
-        model,
-        model.parameters(),
-        train,
-        test,
-        epochs=3,
-        lr=1e-2,
-        grad_clip=1.0,
-        loss_fn=ce,
-        state_path=tmp_path / "state.pt",
-        fingerprint="fp",
-        desc="t",
-    )
+    res = fit_result(tiny(), tmp_path, None, epochs=3)
     assert res.resumed_from == 0 and len(res.history) == 3
 
 
