@@ -144,3 +144,23 @@ def load_state_dict_strict(
     if problem is not None:
         raise M2MError(f"model.weights: {source} does not fit {name}: {problem}")
     model.load_state_dict(state, strict=True)
+
+
+def trainable_prefixes(model: nn.Module, unfreeze: str) -> tuple[str, ...]:
+    """Parameter-name prefixes left trainable; ``()`` means everything."""
+    if unfreeze == "all":
+        return ()
+    family = model.m2mdc_arch["family"]  # type: ignore[index]
+    if family == "resnet":
+        return ("layer3.", "layer4.", "fc.")
+    n = len(model.features)  # type: ignore[arg-type]
+    first = n - round(n / 3)
+    return (*(f"features.{i}." for i in range(first, n)), "classifier.")
+
+
+def apply_unfreeze(model: nn.Module, unfreeze: str) -> int:
+    """Freeze everything outside the trainable prefixes; returns the trainable parameter count."""
+    prefixes = trainable_prefixes(model, unfreeze)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not prefixes or name.startswith(prefixes))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

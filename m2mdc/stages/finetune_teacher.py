@@ -10,35 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from m2mdc.arch.zoo import create_model
+from m2mdc.arch.zoo import apply_unfreeze, create_model
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_checkpoint
 from m2mdc.pipeline import Context, Stage, register_stage
-from m2mdc.train.loop import evaluate, fit
+from m2mdc.train.loop import ce_loss, evaluate, fit
 from m2mdc.ui import log
-
-
-def trainable_prefixes(model: nn.Module, unfreeze: str) -> tuple[str, ...]:
-    """Parameter-name prefixes left trainable; ``()`` means everything."""
-    if unfreeze == "all":
-        return ()
-    family = model.m2mdc_arch["family"]  # type: ignore[index]
-    if family == "resnet":
-        return ("layer3.", "layer4.", "fc.")
-    n = len(model.features)  # type: ignore[arg-type]
-    first = n - round(n / 3)
-    return (*(f"features.{i}." for i in range(first, n)), "classifier.")
-
-
-def apply_unfreeze(model: nn.Module, unfreeze: str) -> int:
-    """Freeze everything outside the trainable prefixes; returns the trainable parameter count."""
-    prefixes = trainable_prefixes(model, unfreeze)
-    for name, p in model.named_parameters():
-        p.requires_grad_(not prefixes or name.startswith(prefixes))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def initial_teacher(ctx: Context) -> tuple[nn.Module, str]:
@@ -94,11 +72,6 @@ def run(ctx: Context) -> dict[str, Any]:
         f"{epochs} epochs"
     )
 
-    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        logits = m(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, logits, {"ce": loss}
-
     result = fit(
         model,
         model.parameters(),
@@ -107,7 +80,7 @@ def run(ctx: Context) -> dict[str, Any]:
         epochs=epochs,
         lr=cfg.teacher.lr,
         grad_clip=cfg.teacher.grad_clip,
-        loss_fn=loss_fn,
+        loss_fn=ce_loss,
         state_path=out / "state.pt",
         fingerprint=ctx.fingerprint("teacher"),
         desc="teacher",

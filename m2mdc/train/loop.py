@@ -38,6 +38,15 @@ LossFn = Callable[
 LOG_EVERY = 20  # steps between host synchronisations for the progress display
 
 
+def ce_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Plain cross-entropy training (a :data:`LossFn`): the teacher's fine-tune objective."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    return loss, logits, {"ce": loss}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +189,7 @@ def fit(
     epoch_info: Callable[[int], dict[str, Any]] | None = None,
     extra_state: nn.Module | None = None,
     perf: Any = None,
+    epoch_offset: int = 0,
 ) -> FitResult:
     """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
 
@@ -201,6 +211,8 @@ def fit(
         perf: the ``perf`` config section (:mod:`m2mdc.train.perf`): channels_last inputs and
             weights, autocast around ``loss_fn`` (with a gradient scaler for fp16), and a
             compiled ``model`` handed to ``loss_fn``. None = plain float32, as before.
+        epoch_offset: epoch ``e`` draws the batch order and flips of data epoch
+            ``e + epoch_offset`` (training that continues an earlier one sees new shuffles).
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
@@ -283,7 +295,8 @@ def fit(
             }
             seen = int(partial_of.get("seen", 0))
             bad_step = torch.full((), -1, device=device, dtype=torch.long)
-            for step, (x, y) in enumerate(train.epoch(epoch, start_batch=first), start=first):
+            batches = train.epoch(epoch + epoch_offset, start_batch=first)
+            for step, (x, y) in enumerate(batches, start=first):
                 with perf_mod.autocast(pf, device):
                     loss, logits, terms = loss_fn(fwd, perf_mod.as_input(x, pf), y, epoch)
                 opt.zero_grad(set_to_none=True)
