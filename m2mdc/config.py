@@ -22,6 +22,7 @@ from m2mdc.errors import M2MError
 MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
+COMPARISONS = ("teacher_same_epochs",)
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -183,6 +184,8 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    # fair baselines beside the students: one name or a list (see comparisons())
+    compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
     cache_dir: str = "outputs/cache"
@@ -309,6 +312,14 @@ def _validate_kd_terms(cfg: DictConfig) -> None:
 
 
 EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms]
+
+
+def comparisons(cfg: DictConfig) -> list[str]:
+    """``compare`` as a list: ``compare=teacher_same_epochs`` and ``compare=[a,b]`` both work."""
+    value = cfg.get("compare")
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
 def to_plain(node: Any) -> Any:

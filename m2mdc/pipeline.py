@@ -47,6 +47,10 @@ class Stage:
         version: bumped when the stage's code changes what it produces.
         extra: more fingerprint input read from the run directory (e.g. which models exist).
         cacheable: outputs are shared across runs through the content-addressed cache.
+        enabled: ``enabled(cfg)``: whether ``m2mdc run`` and the stage's command run it
+            (optional stages, e.g. the ``compare=...`` baselines); None = always.
+        derived: outputs are cheap measurements of what is in the run directory (profile):
+            stale ones are recomputed instead of refused, e.g. when a new model appears.
     """
 
     name: str
@@ -57,6 +61,11 @@ class Stage:
     version: int = 1
     extra: Callable[[Context], Any] | None = None
     cacheable: bool = False
+    enabled: Callable[[DictConfig], bool] | None = None
+    derived: bool = False
+
+    def is_enabled(self, cfg: DictConfig) -> bool:
+        return self.enabled is None or self.enabled(cfg)
 
 
 STAGES: dict[str, Stage] = {}
@@ -181,7 +190,9 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
                 "(force=true reruns)"
             )
             return read_json(done.parent / "metrics.json")
-        if not ctx.cfg.force:
+        if st.derived and not ctx.cfg.force:
+            log.info(f"[{name}] outputs in {done.parent} are out of date; recomputing them")
+        elif not ctx.cfg.force:
             diff = _first_difference(rec.get("config", {}), ctx.stage_config(name))
             raise M2MError(
                 f"{done.parent} holds outputs of a different configuration "
@@ -228,7 +239,7 @@ def _run_stage(ctx: Context, st: Stage) -> dict[str, Any]:
     return st.run(ctx)
 
 
-PIPELINE = ("teacher", "score", "prune", "distill", "slice", "profile")
+PIPELINE = ("teacher", "score", "prune", "distill", "slice", "teacher_same_epochs", "profile")
 
 
 def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -239,13 +250,23 @@ def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ctx = Context(cfg, run_dir)
     if command == "run":
         for name in PIPELINE:
-            if name in STAGES:
+            if name in STAGES and STAGES[name].is_enabled(cfg):
                 execute(ctx, name)
         summary = write_summary(ctx)
         record_stage(ctx.run_dir, "summary", cfg)
         return summary
-    by_command = {s.command: s.name for s in STAGES.values()}
-    return execute(ctx, by_command[command])
+    # a command runs its stages (`compare`: every comparison the config enables)
+    names = [s.name for s in STAGES.values() if s.command == command]
+    enabled = [n for n in names if STAGES[n].is_enabled(cfg)]
+    if not enabled:
+        raise M2MError(
+            f"{command}: nothing to run; enable it with "
+            + " or ".join(f"compare={n}" for n in names)
+        )
+    metrics: dict[str, Any] = {}
+    for name in enabled:
+        metrics = execute(ctx, name)
+    return metrics
 
 
 # -- Hydra entry --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,31 @@ def test_bad_keep_fractions_are_refused(tmp_path, override, expected):
     proc = run_cli("run", override, cwd=tmp_path)
     assert proc.returncode == 2 and expected in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_teacher_same_epochs_row_trains_the_students_budget(quick_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    _ok(run_cli("run", *TINY, "compare=teacher_same_epochs", f"hydra.run.dir={run}", cwd=tmp_path))
+    # the budget, read independently from what the students' stages logged
+    kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
+    slice_steps = json.loads((run / "slice" / "metrics.json").read_text())["steps"]
+    repair = int(next(t for t in TINY if t.startswith("slice.repair_epochs=")).split("=")[1])
+    budget = kd_epochs + len(slice_steps) * repair
+    assert kd_epochs == 2 and len(slice_steps) == 3  # TINY: 2 KD epochs, slicing layer2..4
+
+    m = json.loads((run / "teacher_same_epochs" / "metrics.json").read_text())
+    assert m["extra_epochs"] == budget and len(m["epochs"]) == budget
+    teacher = json.loads((run / "teacher" / "metrics.json").read_text())
+    assert m["top1_start"] == teacher["top1"] and m["teacher_epochs"] == len(teacher["epochs"])
+    # earlier stages were reused, not retrained
+    assert "[teacher] skipped" in (run / "m2mdc.log").read_text()
+
+    rows = {r["model"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+    same = rows["teacher_same_epochs"]
+    assert same["top1"] == m["top1"]
+    assert same["params"] == rows["teacher"]["params"] and same["macs"] == rows["teacher"]["macs"]
+
+    report = tmp_path / "report"
+    _ok(run_cli("report", str(run), "--out", str(report), cwd=tmp_path))
+    assert "Teacher (same epochs)" in (report / "report.md").read_text()

@@ -30,6 +30,7 @@ MODEL_ROWS: tuple[tuple[str, str], ...] = (
     ("block_pruned", "prune"),
     ("block_kd", "distill"),
     ("inner_slice", "slice"),
+    ("teacher_same_epochs", "teacher_same_epochs"),
 )
 
 
@@ -188,6 +189,7 @@ register_stage(
     Stage(
         name="profile",
         command="profile",
+        derived=True,
         requires=(),
         keys=(
             "profile",

@@ -20,6 +20,7 @@ def write_summary(ctx: Context) -> dict[str, Any]:
         "block_pruned": "prune",
         "block_kd": "distill",
         "inner_slice": "slice",
+        "teacher_same_epochs": "teacher_same_epochs",
     }
     for name, p in prof.items():
         stage = stage_of.get(name)
