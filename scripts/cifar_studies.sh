@@ -5,7 +5,8 @@
 #
 # STUDY (default: all, in this order):
 #   sweep      3 seeds x prune.ratio 0.25,0.5, the full pipeline (teacher -> scores -> block_kd
-#              -> inner_slice with the bn_l1 selector); teachers and scores shared via the cache
+#              -> inner_slice with the bn_l1 selector), plus the equal-budget teacher
+#              (compare=teacher_same_epochs); teachers and scores shared via the cache
 #   selectors  the same with slice.selector=cmi at prune.ratio=0.5 (same widths, so equal MACs)
 #   mobilenet  model=mobilenet_v2, the full pipeline, 3 seeds at prune.ratio=0.5
 #   kd         the KD toolbox head to head: kd=ce_only,staged_cosine,hinton,attention_transfer,
@@ -65,11 +66,11 @@ study() {  # study NAME overrides...: one Hydra multirun under $OUT/NAME, timed,
 
 for s in "${STUDIES[@]}"; do
   case "$s" in
-    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 ;;
+    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 compare=teacher_same_epochs ;;
     selectors) study selectors "$SEEDS" prune.ratio=0.5 slice.selector=cmi ;;
-    mobilenet) study mobilenet "$SEEDS" prune.ratio=0.5 model=mobilenet_v2 ;;
+    mobilenet) study mobilenet "$SEEDS" prune.ratio=0.5 model=mobilenet_v2 compare=teacher_same_epochs ;;
     kd) study kd "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=16 \
       kd=ce_only,staged_cosine,hinton,attention_transfer,ig_overlay,ig_at ;;
-    nocache) study nocache "$SEEDS" prune.ratio=0.25,0.5 use_cache=false ;;
+    nocache) study nocache "$SEEDS" prune.ratio=0.25,0.5 compare=teacher_same_epochs use_cache=false ;;
   esac
 done
