@@ -23,6 +23,7 @@ MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 COMPARISONS = ("teacher_same_epochs",)
+SELECT = ("last", "best_val")
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -48,6 +49,8 @@ class DatasetConfig:
     num_classes: int | None = _f(None, ge=2)
     limit_train: int | None = _f(None, gt=0)
     limit_test: int | None = _f(None, gt=0)
+    # held out of the training split (class-stratified, fixed): model selection, never test
+    val_fraction: float = _f(0.0, ge=0, lt=1)
     batch_size: int = _f(128, gt=0)
     eval_batch_size: int = _f(256, gt=0)
     num_workers: int = _f(0, ge=0)
@@ -186,6 +189,8 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     # fair baselines beside the students: one name or a list (see comparisons())
     compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
+    # which epoch a training stage keeps: the last, or the best by validation top1
+    select: str = _f("last", choices=SELECT)
     seed: int = _f(42, ge=0)
     device: str = _f("auto", choices=DEVICES)
     cache_dir: str = "outputs/cache"
@@ -311,7 +316,15 @@ def _validate_kd_terms(cfg: DictConfig) -> None:
         check_kd_terms(cfg.kd.terms)
 
 
-EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms]
+def _validate_select(cfg: DictConfig) -> None:
+    if cfg.get("select") == "best_val" and not float(cfg.dataset.get("val_fraction") or 0):
+        raise M2MError(
+            "select=best_val needs a validation split; set dataset.val_fraction "
+            "(e.g. dataset.val_fraction=0.1), or use select=last"
+        )
+
+
+EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms, _validate_select]
 
 
 def comparisons(cfg: DictConfig) -> list[str]:

@@ -26,7 +26,7 @@ from torch import nn
 from m2mdc import __version__, cache
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
 from m2mdc.config import to_plain, validate
-from m2mdc.data.datasets import ImageData, load_split
+from m2mdc.data.datasets import ImageData, load_split, load_train_val
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.manifest import record_stage
@@ -114,7 +114,15 @@ class Context:
     # -- data --------------------------------------------------------------------------------
     def data(self, split: str) -> ImageData:
         if split not in self._data:
-            self._data[split] = load_split(self.cfg.dataset, split, self.cache_dir)
+            if split == "test":
+                self._data[split] = load_split(self.cfg.dataset, split, self.cache_dir)
+            else:  # the training images are read once for both train and val
+                train, val = load_train_val(self.cfg.dataset, self.cache_dir)
+                self._data["train"] = train
+                if val is not None:
+                    self._data["val"] = val
+        if split not in self._data:
+            raise M2MError("no validation split: dataset.val_fraction is 0")
         return self._data[split]
 
     @property
@@ -138,6 +146,13 @@ class Context:
             seed=self.cfg.seed,
             device=self.device,
         )
+
+    def val_batches(self) -> Batches | None:
+        """The validation split (``dataset.val_fraction``), or None when there is none."""
+        ds = self.cfg.dataset
+        if not float(ds.get("val_fraction") or 0):
+            return None
+        return Batches(self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device)
 
     def test_batches(self) -> Batches:
         ds = self.cfg.dataset

@@ -210,8 +210,54 @@ def _fake(split: str, num_classes: int, n: int, image_size: int) -> ImageData:
     return ImageData(img, labels, [str(i) for i in range(num_classes)])
 
 
+def split_validation(data: ImageData, fraction: float) -> tuple[ImageData, ImageData]:
+    """``(train, val)``: a class-stratified ``fraction`` of ``data`` held out for validation.
+
+    scikit-learn's ``train_test_split(stratify=labels)`` with a fixed ``random_state``, so the
+    split does not change with the run's seed (runs of different seeds select on the same
+    images) and every class keeps its share in both parts.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(round(fraction * len(data)), data.num_classes)
+    if n_val > len(data) - data.num_classes:
+        raise M2MError(
+            f"dataset.val_fraction={fraction} leaves too few training examples "
+            f"({len(data)} in all, {data.num_classes} classes)"
+        )
+    labels = data.labels.numpy()
+    train_idx, val_idx = train_test_split(
+        range(len(data)), test_size=n_val, stratify=labels, random_state=0
+    )
+    return (
+        data.subset(torch.as_tensor(sorted(train_idx))),
+        data.subset(torch.as_tensor(sorted(val_idx))),
+    )
+
+
 def load_split(ds: Any, split: str, cache_dir: str | None = None) -> ImageData:
-    """Load ``split`` ("train" or "test") of the dataset described by the ``dataset`` config."""
+    """Load ``split`` of the dataset described by the ``dataset`` config: "train", "test", or
+    "val" (held out of the training split when ``dataset.val_fraction > 0``; "train" is then
+    what remains)."""
+    if split == "test":
+        return _load_split(ds, split, cache_dir)
+    train, val = load_train_val(ds, cache_dir)
+    if split == "train":
+        return train
+    if val is None:
+        raise M2MError("no validation split: dataset.val_fraction is 0")
+    return val
+
+
+def load_train_val(ds: Any, cache_dir: str | None = None) -> tuple[ImageData, ImageData | None]:
+    """The training split read once, and the validation split held out of it (None when
+    ``dataset.val_fraction`` is 0)."""
+    train = _load_split(ds, "train", cache_dir)
+    fraction = float(ds.get("val_fraction") or 0.0)
+    return split_validation(train, fraction) if fraction else (train, None)
+
+
+def _load_split(ds: Any, split: str, cache_dir: str | None) -> ImageData:
     name = ds.name
     if name == "digits":
         data = _digits(split)

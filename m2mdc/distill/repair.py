@@ -119,12 +119,15 @@ def kd_repair(
     feature_index: Sequence[int] | None = None,
     feature_match: str = "kept_channels",
     perf: Any = None,
+    val: Batches | None = None,
+    select: str = "last",
 ) -> FitResult:
     """Train ``student`` against ``teacher`` for ``epochs`` epochs; history logs every term and
     its weight per epoch (``alpha``/``beta`` for the paper's two alignment terms).
 
     ``perf`` (the ``perf`` config section, :mod:`m2mdc.train.perf`) applies to both networks'
-    forward passes; None = plain float32."""
+    forward passes; None = plain float32. ``val`` and ``select``: model selection, see
+    :func:`m2mdc.train.loop.fit`."""
     adapter = get_adapter(student)
     teacher.eval()
     for p in teacher.parameters():
@@ -188,6 +191,8 @@ def kd_repair(
         epoch_info=epoch_info,
         extra_state=aligner,
         perf=perf,
+        val=val,
+        select=select,
     )
     for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
         tap.remove()

@@ -59,13 +59,17 @@ def run(ctx: Context) -> dict[str, Any]:
         desc=NAME,
         perf=cfg.perf,
         epoch_offset=len(start.get("epochs", [])),
+        val=ctx.val_batches(),
+        select=str(cfg.select),
     )
     for p in model.parameters():
         p.requires_grad_(True)
-    final = result.history[-1]["test_top1"] if result.history else start["top1"]
+    selected = result.selected_row()
+    final = selected["test_top1"] if selected else start["top1"]
     metrics = {
         "top1": final,
         "top1_start": start["top1"],
+        **result.selection(),
         "extra_epochs": epochs,
         "student_epochs": budget,
         "teacher_epochs": len(start.get("epochs", [])),
@@ -87,7 +91,7 @@ register_stage(
         name=NAME,
         command="compare",
         requires=("teacher", "slice"),
-        keys=("teacher",),
+        keys=("teacher", "select"),
         run=run,
         enabled=lambda cfg: NAME in comparisons(cfg),
     )

@@ -49,11 +49,15 @@ def run(ctx: Context) -> dict[str, Any]:
         desc="distill",
         feature_match=str(kd.feature_match),
         perf=cfg.perf,
+        val=ctx.val_batches(),
+        select=str(cfg.select),
     )
-    final = result.history[-1]["test_top1"] if result.history else start
+    selected = result.selected_row()
+    final = selected["test_top1"] if selected else start
     metrics = {
         "top1": final,
         "top1_start": start,
+        **result.selection(),
         "kd": kd.name,
         "terms": [t.__dict__ for t in terms],
         "epochs": result.history,
@@ -67,4 +71,6 @@ def run(ctx: Context) -> dict[str, Any]:
     return metrics
 
 
-register_stage(Stage(name="distill", command="distill", requires=("prune",), keys=("kd",), run=run))
+register_stage(
+    Stage(name="distill", command="distill", requires=("prune",), keys=("kd", "select"), run=run)
+)

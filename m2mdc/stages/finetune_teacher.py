@@ -85,16 +85,16 @@ def run(ctx: Context) -> dict[str, Any]:
         fingerprint=ctx.fingerprint("teacher"),
         desc="teacher",
         perf=cfg.perf,
+        val=ctx.val_batches(),
+        select=str(cfg.select),
     )
     for p in model.parameters():
         p.requires_grad_(True)
-    final = (
-        result.history[-1]["test_top1"]
-        if result.history
-        else evaluate(model, test, cfg.perf)["top1"]
-    )
+    selected = result.selected_row()
+    final = selected["test_top1"] if selected else evaluate(model, test, cfg.perf)["top1"]
     metrics = {
         "top1": final,
+        **result.selection(),
         "epochs": result.history,
         "source": source,
         "params": sum(p.numel() for p in model.parameters()),
@@ -121,7 +121,7 @@ register_stage(
         name="teacher",
         command="finetune-teacher",
         requires=(),
-        keys=("model", "dataset", "teacher", "seed"),
+        keys=("model", "dataset", "teacher", "seed", "select"),
         cacheable=True,
         run=run,
     )

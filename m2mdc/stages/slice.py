@@ -168,12 +168,14 @@ def run(ctx: Context) -> dict[str, Any]:
             feature_index=feat_index,
             feature_match=str(cfg.kd.feature_match),
             perf=cfg.perf,
+            val=ctx.val_batches(),
+            select=str(cfg.select),
         )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
-        row["top1_repaired"] = (
-            result.history[-1]["test_top1"] if result.history else row["top1_recal"]
-        )
+        selected = result.selected_row()
+        row["top1_repaired"] = selected["test_top1"] if selected else row["top1_recal"]
         row["repair"] = result.history
+        row["selection"] = result.selection()
         row.update(
             {
                 "params": count_params(student),
@@ -223,5 +225,5 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 register_stage(
-    Stage(name="slice", command="slice", requires=("distill",), keys=("slice",), run=run)
+    Stage(name="slice", command="slice", requires=("distill",), keys=("slice", "select"), run=run)
 )

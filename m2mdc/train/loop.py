@@ -122,6 +122,23 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    selected: int = 0  # the epoch whose weights the model holds (0: no epoch ran)
+
+    def selected_row(self) -> dict[str, Any] | None:
+        """The history row of the selected epoch (None when no epoch ran)."""
+        return self.history[self.selected - 1] if self.selected else None
+
+    def selection(self) -> dict[str, Any]:
+        """What a stage records: the selected and the last epoch with their accuracies."""
+        row, last = self.selected_row(), self.history[-1] if self.history else None
+        return {
+            "selected_epoch": self.selected,
+            "selected_test_top1": row["test_top1"] if row else None,
+            "selected_val_top1": row.get("val_top1") if row else None,
+            "last_epoch": len(self.history),
+            "last_test_top1": last["test_top1"] if last else None,
+            "last_val_top1": last.get("val_top1") if last else None,
+        }
 
 
 class Interrupted(M2MError):
@@ -190,6 +207,8 @@ def fit(
     extra_state: nn.Module | None = None,
     perf: Any = None,
     epoch_offset: int = 0,
+    val: Batches | None = None,
+    select: str = "last",
 ) -> FitResult:
     """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
 
@@ -213,6 +232,10 @@ def fit(
             compiled ``model`` handed to ``loss_fn``. None = plain float32, as before.
         epoch_offset: epoch ``e`` draws the batch order and flips of data epoch
             ``e + epoch_offset`` (training that continues an earlier one sees new shuffles).
+        val: validation batches, evaluated after every epoch (``val_top1``, ``val_loss``).
+        select: ``last`` keeps the last epoch's weights; ``best_val`` returns the model with
+            the weights of the epoch with the highest validation top1 (the earliest on ties).
+            The test split is evaluated every epoch for reporting only, never for selection.
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
@@ -221,8 +244,14 @@ def fit(
         M2MError: a non-finite loss (naming the epoch and batch; the last good state stays).
         Interrupted: after SIGINT/SIGTERM, once the state is saved.
     """
+    if select not in ("last", "best_val"):
+        raise ValueError(f"select={select!r}: choose last or best_val")
+    if select == "best_val" and val is None:
+        raise M2MError("select=best_val needs a validation split (dataset.val_fraction > 0)")
     params = [p for p in params if p.requires_grad]
     result = FitResult()
+    # best_val: the best epoch so far and a CPU copy of its weights (saved with the state)
+    best: dict[str, Any] | None = None
     device = train.device
     pf = perf_mod.resolve(perf, device)
     opt = perf_mod.adam(params, lr, pf)
@@ -246,6 +275,7 @@ def fit(
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
+            best = state.get("best")
             result.history = list(state["history"])
             start, start_step = int(state["epoch"]), int(state.get("step", 0))
             partial = state.get("partial")
@@ -270,6 +300,7 @@ def fit(
                 "optimizer": None if final else opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None and not final else None,
                 "history": result.history,
+                "best": best,
                 "rng": _rng_state(),
             },
             state_path,
@@ -355,9 +386,25 @@ def fit(
             row.update({k: float(v) / seen for k, v in totals.items()})
             if epoch_info is not None:
                 row.update(epoch_info(epoch))
+            if val is not None:
+                ev = evaluate(model, val, pf)
+                row["val_top1"], row["val_loss"] = ev["top1"], ev["loss"]
             ev = evaluate(model, test, pf)
             row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
             result.history.append(row)
+            if select == "best_val" and (best is None or row["val_top1"] > best["val_top1"]):
+                best = {
+                    "epoch": epoch,
+                    "val_top1": row["val_top1"],
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "extra": (
+                        None
+                        if extra_state is None
+                        else {
+                            k: v.detach().cpu().clone() for k, v in extra_state.state_dict().items()
+                        }
+                    ),
+                }
             save(epoch)
             bar.update(ep_task, completed=epoch, info=f"test top1 {ev['top1']:.2f}%")
             log.info(
@@ -370,4 +417,14 @@ def fit(
                     f"to {state_path}; rerun the same command to resume"
                 )
     result.seconds = time.perf_counter() - t0
+    result.selected = len(result.history)
+    if best is not None and best["epoch"] != result.selected:
+        model.load_state_dict(best["model"])
+        if extra_state is not None and best["extra"] is not None:
+            extra_state.load_state_dict(best["extra"])
+        result.selected = int(best["epoch"])
+        log.info(
+            f"{desc}: kept epoch {result.selected} (best validation top1 "
+            f"{best['val_top1']:.2f}%) of {len(result.history)}"
+        )
     return result
