@@ -158,6 +158,10 @@ def load_checkpoint(
             f"{path} has {arch.get('num_classes')} classes but the dataset has {expect_classes}"
         )
     model = get_adapter(name).build(arch)
+    if arch.get("resized_by"):  # channel-pruned by another tool: widths from the tensors
+        from m2mdc.arch.surgery import resize_to_state
+
+        resize_to_state(model, obj["state_dict"])
     load_state_dict_checked(model, obj["state_dict"], path)
     model.eval()
     return model, dict(obj.get("meta") or {})

@@ -22,7 +22,7 @@ from m2mdc.errors import M2MError
 MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
-COMPARISONS = ("teacher_same_epochs",)
+COMPARISONS = ("teacher_same_epochs", "torch_pruning")
 SELECT = ("last", "best_val")
 
 
@@ -154,6 +154,24 @@ class ProfileConfig:
 
 
 @dataclass
+class PeerConfig:
+    """``compare=torch_pruning``: Torch-Pruning (DepGraph) from the same teacher, pruned with a
+    uniform channel ratio bisected to the inner_slice student's MACs, then trained for the
+    students' post-pruning epochs with ``terms`` at ``kd.lr``."""
+
+    importance: str = _f("l1", choices=("l1", "bn_scale", "taylor"))
+    mac_tolerance: float = _f(0.02, gt=0, lt=1)  # relative; the bisection stops inside it
+    taylor_batches: int = _f(8, gt=0)  # batches of gradients for importance=taylor
+    temperature: float = _f(4.0, gt=0)
+    terms: list[KDTermConfig] = field(
+        default_factory=lambda: [
+            KDTermConfig(name="ce", weight=1.0, ramp="none"),
+            KDTermConfig(name="kl", weight=1.0, ramp="none"),
+        ]
+    )
+
+
+@dataclass
 class PerfConfig:
     """Execution speed (m2mdc.train.perf); the defaults are plain float32 eager PyTorch.
 
@@ -187,6 +205,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     # fair baselines beside the students: one name or a list (see comparisons())
     compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
     # which epoch a training stage keeps: the last, or the best by validation top1
@@ -270,17 +289,17 @@ def _validate_slice_keeps(cfg: DictConfig) -> None:
             _check_value(name, float(v), {"gt": 0, "le": 1})
 
 
-def check_kd_terms(terms: Any) -> None:
-    """Validate a ``kd.terms`` list; M2MError naming ``kd.terms[i].key`` and the choices."""
+def check_kd_terms(terms: Any, where: str = "kd.terms") -> None:
+    """Validate a list of KD terms; M2MError naming ``<where>[i].key`` and the choices."""
     if terms is None:
         return
     if isinstance(terms, DictConfig | dict) or not isinstance(terms, ListConfig | list | tuple):
         raise M2MError(
-            "kd.terms must be a list of {name, weight, ramp, temperature} entries, e.g. "
-            "kd.terms=[{name:ce,weight:1,ramp:none},{name:kl,weight:1}]"
+            f"{where} must be a list of {{name, weight, ramp, temperature}} entries, e.g. "
+            f"{where}=[{{name:ce,weight:1,ramp:none}},{{name:kl,weight:1}}]"
         )
     for i, term in enumerate(terms):
-        key = f"kd.terms[{i}]"
+        key = f"{where}[{i}]"
         if not isinstance(term, DictConfig | dict):
             raise M2MError(f"{key}={term!r} is not valid; give {{name, weight, ramp}}")
         if isinstance(term, DictConfig) and OmegaConf.is_missing(term, "name"):
@@ -314,6 +333,10 @@ def _term_names() -> tuple[str, ...]:
 def _validate_kd_terms(cfg: DictConfig) -> None:
     if "kd" in cfg and "terms" in cfg.kd:
         check_kd_terms(cfg.kd.terms)
+    if "peer" in cfg and "terms" in cfg.peer:
+        if not cfg.peer.terms:
+            raise M2MError("peer.terms is empty; give at least one term, e.g. [{name: ce}]")
+        check_kd_terms(cfg.peer.terms, "peer.terms")
 
 
 def _validate_select(cfg: DictConfig) -> None:

@@ -254,7 +254,16 @@ def _run_stage(ctx: Context, st: Stage) -> dict[str, Any]:
     return st.run(ctx)
 
 
-PIPELINE = ("teacher", "score", "prune", "distill", "slice", "teacher_same_epochs", "profile")
+PIPELINE = (
+    "teacher",
+    "score",
+    "prune",
+    "distill",
+    "slice",
+    "teacher_same_epochs",
+    "peer_torch_pruning",
+    "profile",
+)
 
 
 def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -391,3 +391,28 @@ def test_teacher_same_epochs_row_trains_the_students_budget(quick_run, tmp_path)
     report = tmp_path / "report"
     _ok(run_cli("report", str(run), "--out", str(report), cwd=tmp_path))
     assert "Teacher (same epochs)" in (report / "report.md").read_text()
+
+
+def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick_run, tmp_path):
+    pytest.importorskip("torch_pruning")
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    compare = "compare=[teacher_same_epochs,torch_pruning]"
+    _ok(run_cli("run", *TINY, compare, f"hydra.run.dir={run}", cwd=tmp_path))
+    kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
+    slice_metrics = json.loads((run / "slice" / "metrics.json").read_text())
+    budget = kd_epochs + len(slice_metrics["steps"]) * 1  # TINY: slice.repair_epochs=1
+
+    m = json.loads((run / "peer_torch_pruning" / "metrics.json").read_text())
+    assert len(m["epochs"]) == budget and m["student_epochs"]["total"] == budget
+    assert abs(m["macs"] - slice_metrics["macs"]) <= 0.02 * slice_metrics["macs"]
+    rows = {r["model"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+    assert set(rows) >= {"teacher", "block_kd", "inner_slice", "teacher_same_epochs"}
+    assert rows["peer_torch_pruning"]["macs"] == m["macs"]  # profile reloaded the checkpoint
+    assert rows["peer_torch_pruning"]["top1"] == m["top1"]
+
+    report = tmp_path / "report"
+    _ok(run_cli("report", str(run), "--out", str(report), cwd=tmp_path))
+    md = (report / "report.md").read_text()
+    assert "Torch-Pruning peer" in md and "Teacher (same epochs)" in md
+    assert (report / "pareto.png").stat().st_size > 0

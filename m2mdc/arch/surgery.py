@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -189,3 +189,61 @@ def slice_linear_in(linear: nn.Linear, idx: Sequence[int]) -> nn.Linear:
             new.bias = _param(linear.bias, linear.bias)
     new.train(linear.training)
     return new
+
+
+def resize_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Give every Conv2d, BatchNorm2d and Linear of ``model`` the shape its tensors have in
+    ``state`` (a channel-pruned copy of the same architecture, e.g. from Torch-Pruning).
+
+    The resized modules are new and uninitialised in value (built on the meta device, then
+    materialised empty): the caller loads ``state`` into the model next, strictly. Depthwise
+    convs stay depthwise (groups follow the channel count); other convs keep their groups.
+
+    Returns:
+        The names of the modules that were replaced.
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        own = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or own is None or weight.shape == own.shape:
+            continue
+        new: nn.Module
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            groups = int(weight.shape[0]) if depthwise else module.groups
+            new = nn.Conv2d(
+                int(weight.shape[1]) * groups,
+                int(weight.shape[0]),
+                kernel_size=module.kernel_size,  # type: ignore[arg-type]
+                stride=module.stride,  # type: ignore[arg-type]
+                padding=module.padding,  # type: ignore[arg-type]
+                dilation=module.dilation,  # type: ignore[arg-type]
+                groups=groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+                device="meta",
+            )
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(
+                int(weight.shape[0]),
+                eps=module.eps,
+                momentum=module.momentum,
+                affine=module.affine,
+                track_running_stats=module.track_running_stats,
+                device="meta",
+            )
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(
+                int(weight.shape[1]),
+                int(weight.shape[0]),
+                bias=module.bias is not None,
+                device="meta",
+            )
+        else:
+            continue
+        new = new.to_empty(device=own.device)
+        new.train(module.training)
+        model.set_submodule(name, new)
+        replaced.append(name)
+    return replaced

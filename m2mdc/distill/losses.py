@@ -114,6 +114,11 @@ def attention_transfer(o: KDOutputs) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+FEATURE_TERMS = {"feature_cosine"}
+"""Terms that read the penultimate features (``s_feat``/``t_feat``); a term registered by an
+extension that reads them adds its name here. Without such a term the feature widths of
+student and teacher may differ freely (e.g. a Torch-Pruning peer) and are not aligned."""
+
 STAGE_TERMS = frozenset({"attention_transfer"})
 """Terms that need the stage outputs (collected with forward hooks only when configured)."""
 
@@ -194,6 +199,10 @@ def terms_from_config(kd: Any) -> list[Term]:
             )
         )
     return terms
+
+
+def needs_features(terms: list[Term]) -> bool:
+    return any(t.name in FEATURE_TERMS for t in terms)
 
 
 def needs_stages(terms: list[Term]) -> bool:

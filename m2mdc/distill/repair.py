@@ -16,7 +16,14 @@ from torch import nn
 
 from m2mdc.arch import get_adapter
 from m2mdc.data.loader import Batches, preprocess
-from m2mdc.distill.losses import KDOutputs, Term, combine, needs_stages, term_weights
+from m2mdc.distill.losses import (
+    KDOutputs,
+    Term,
+    combine,
+    needs_features,
+    needs_stages,
+    term_weights,
+)
 from m2mdc.train import perf as perf_mod
 from m2mdc.train.loop import FitResult, fit
 
@@ -28,7 +35,8 @@ class FeatureAligner(nn.Module):
     it narrower, ``mode="kept_channels"`` compares the student with the teacher's features at
     the kept channel indices (``index``, relative to the teacher: the student's channel j *is*
     teacher channel index[j]), and ``mode="projection"`` learns a linear map from the student's
-    features to the teacher's width (trained with the student).
+    features to the teacher's width (trained with the student). ``mode="none"``: no term
+    reads the features, so they are passed through whatever their widths.
     """
 
     def __init__(
@@ -39,7 +47,7 @@ class FeatureAligner(nn.Module):
         index: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.mode = "identity" if s_dim == t_dim else mode
+        self.mode = "identity" if s_dim == t_dim or mode == "none" else mode
         self.proj: nn.Module | None = None
         if self.mode == "projection":
             self.proj = nn.Linear(s_dim, t_dim, bias=False)
@@ -137,7 +145,8 @@ def kd_repair(
     with torch.no_grad():
         s_dim = adapter.forward_features(student.eval(), probe)[0].shape[1]
         t_dim = get_adapter(teacher).forward_features(teacher, probe)[0].shape[1]
-    aligner = FeatureAligner(s_dim, t_dim, feature_match, feature_index).to(train.device)
+    mode = feature_match if needs_features(terms) else "none"
+    aligner = FeatureAligner(s_dim, t_dim, mode, feature_index).to(train.device)
     t_adapter = get_adapter(teacher)
     perf_mod.apply_memory_format(teacher, perf)  # the student's is set by fit()
     # the two forward passes, through torch.compile when perf.compile is set

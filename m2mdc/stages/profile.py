@@ -31,6 +31,7 @@ MODEL_ROWS: tuple[tuple[str, str], ...] = (
     ("block_kd", "distill"),
     ("inner_slice", "slice"),
     ("teacher_same_epochs", "teacher_same_epochs"),
+    ("peer_torch_pruning", "peer_torch_pruning"),
 )
 
 

@@ -21,6 +21,7 @@ def write_summary(ctx: Context) -> dict[str, Any]:
         "block_kd": "distill",
         "inner_slice": "slice",
         "teacher_same_epochs": "teacher_same_epochs",
+        "peer_torch_pruning": "peer_torch_pruning",
     }
     for name, p in prof.items():
         stage = stage_of.get(name)
