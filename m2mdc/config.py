@@ -154,6 +154,18 @@ class ProfileConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """MAC-budget allocator (m2mdc.budget): ``macs`` <= 1 is a fraction of the teacher's MACs,
+    > 1 absolute MACs; null = off (prune.ratio and slice.*_keep are used as given)."""
+
+    macs: float | None = _f(None, gt=0)
+    tolerance: float = _f(0.02, gt=0, lt=1)
+    ratios: list[float] = _f(factory=lambda: [0.0, 0.2, 0.4, 0.6], ge=0, lt=1)  # noqa: RUF009
+    proxy_batches: int = _f(10, gt=0)  # BN recalibration batches per candidate
+    proxy_samples: int = _f(1000, gt=0)  # probe images (training split) for the proxy top1
+
+
+@dataclass
 class PeerConfig:
     """``compare=torch_pruning``: Torch-Pruning (DepGraph) from the same teacher, pruned with a
     uniform channel ratio bisected to the inner_slice student's MACs, then trained for the
@@ -206,6 +218,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     # fair baselines beside the students: one name or a list (see comparisons())
     compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
     # which epoch a training stage keeps: the last, or the best by validation top1

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from m2mdc import budget
 from m2mdc.arch import get_adapter
 from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
+from m2mdc.data.datasets import class_interleaved_order
+from m2mdc.data.loader import Batches
+from m2mdc.errors import M2MError
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.pruning import keep_cfg_from_removals, num_to_remove, parse_keep_cfg, select_removals
@@ -24,7 +30,16 @@ def run(ctx: Context) -> dict[str, Any]:
     blocks = adapter.blocks(teacher)
     scores_doc = read_json(ctx.run_dir / "score" / "scores.json")
     scores = {r["name"]: float(r["score"]) for r in scores_doc["blocks"]}
-    if cfg.prune.keep_cfg:
+    budget_doc = None
+    if cfg.budget.macs is not None:
+        if cfg.prune.keep_cfg:
+            raise M2MError("budget.macs and prune.keep_cfg both choose the blocks; give one")
+        choice, budget_doc = allocate(ctx, teacher, blocks, scores)
+        keep = choice.keep_cfg
+        student = adapter.keep(teacher, keep)
+        removed = [b for b in blocks if b.orig_index not in keep[b.stage]]
+        source = f"budget.macs={cfg.budget.macs} (allocator, ratio {choice.ratio})"
+    elif cfg.prune.keep_cfg:
         # the adapter validates protection, empty stages, unknown stages and indices
         student = adapter.keep(teacher, parse_keep_cfg(cfg.prune.keep_cfg))
         keep = {s: list(v) for s, v in adapter.arch(student)["keep"].items()}
@@ -50,6 +65,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "source": source,
         "scores": {b.name: scores.get(b.name) for b in blocks},
     }
+    if budget_doc is not None:
+        plan["budget"] = budget_doc
+        ratio = float(budget_doc["choice"]["ratio"])
+        plan["ratio"], plan["k_target"] = ratio, num_to_remove(blocks, ratio)
     out = ctx.stage_dir("prune")
     metrics = {
         "top1": after,
@@ -72,4 +91,87 @@ def run(ctx: Context) -> dict[str, Any]:
     return metrics
 
 
-register_stage(Stage(name="prune", command="prune", requires=("score",), keys=("prune",), run=run))
+def allocate(
+    ctx: Context, teacher: nn.Module, blocks: list, scores: dict[str, float]
+) -> tuple[budget.Candidate, dict[str, Any]]:
+    """Run the MAC-budget allocator (:mod:`m2mdc.budget`) and describe it for plan.json."""
+    cfg = ctx.cfg
+    size = int(cfg.profile.input_size or cfg.dataset.image_size)
+    teacher_macs = int(count_macs(teacher, size)["macs"])
+    target = budget.target_macs(float(cfg.budget.macs), teacher_macs)
+    tol = float(cfg.budget.tolerance)
+    found, missed = budget.search(
+        teacher.cpu(),
+        blocks,
+        scores,
+        target,
+        size,
+        ratios=[float(r) for r in cfg.budget.ratios],
+        policy=str(cfg.slice.name),
+        tolerance=tol,
+        round_to=int(cfg.slice.round_to),
+        include_first=bool(cfg.slice.include_first_stage),
+    )
+    if not found:
+        raise budget.no_candidate_error(target, tol, missed)
+    train = ctx.data("train")
+    n = min(int(cfg.budget.proxy_samples), len(train))
+    probe = Batches(
+        train,
+        int(cfg.dataset.eval_batch_size),
+        int(cfg.dataset.image_size),
+        device=ctx.device,
+        order=class_interleaved_order(train.labels, seed=int(cfg.seed))[:n],
+    )
+    recal = ctx.train_batches()
+
+    def proxy(c: budget.Candidate) -> float:
+        student = budget.shaped_student(
+            teacher,
+            c.keep_cfg,
+            c.planes_keep,
+            c.mid_keep,
+            round_to=int(cfg.slice.round_to),
+            include_first=bool(cfg.slice.include_first_stage),
+        ).to(ctx.device)
+        recalibrate_bn(student, recal, int(cfg.budget.proxy_batches))
+        return evaluate(student, probe, cfg.perf)["top1"]
+
+    choice, ranked = budget.choose(found, proxy)
+    teacher.to(ctx.device)
+    log.info(
+        f"prune: budget {target:,} MACs ({target / teacher_macs:.1%} of the teacher): "
+        f"{len(found)} candidates; chose ratio {choice.ratio}, {choice.shape}, planes "
+        f"{choice.planes_keep:.3f}, mid {choice.mid_keep:.3f} ({choice.macs:,} MACs, proxy "
+        f"top1 {choice.proxy_top1:.2f}%)"
+    )
+    doc = {
+        "target_macs": target,
+        "teacher_macs": teacher_macs,
+        "tolerance": tol,
+        "proxy": f"probe top1 after BN recalibration ({int(cfg.budget.proxy_batches)} batches)",
+        "choice": budget.as_records([choice])[0],
+        "candidates": budget.as_records(ranked),
+        "unreachable": missed,
+    }
+    return choice, doc
+
+
+def _budget_extra(ctx: Context) -> Any:
+    """With a budget, the allocator reads the slicing policy: it joins the fingerprint."""
+    if ctx.cfg.budget.macs is None:
+        return None
+    sc = ctx.cfg.slice
+    return {"slice": [str(sc.name), int(sc.round_to), bool(sc.include_first_stage)]}
+
+
+register_stage(
+    Stage(
+        name="prune",
+        command="prune",
+        requires=("score",),
+        keys=("prune", "budget"),
+        run=run,
+        extra=_budget_extra,
+    )
+)

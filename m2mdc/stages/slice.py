@@ -78,6 +78,10 @@ def run(ctx: Context) -> dict[str, Any]:
     student = ctx.load_model("distill")
     adapter = get_adapter(student)
     do_planes, do_mid = POLICIES[sc.name]
+    planes_keep, mid_keep = sc.planes_keep, sc.mid_keep
+    if cfg.budget.macs is not None:  # the allocator's fractions (prune/plan.json)
+        choice = read_json(ctx.run_dir / "prune" / "plan.json")["budget"]["choice"]
+        planes_keep, mid_keep = float(choice["planes_keep"]), float(choice["mid_keep"])
     train, test = ctx.train_batches(), ctx.test_batches()
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
     terms = terms_from_config(cfg.kd)
@@ -120,9 +124,7 @@ def run(ctx: Context) -> dict[str, Any]:
         if do_planes:
             producers = adapter.plane_producers(student, stage)
             c = producers[0][0].out_channels
-            k = round_keep(
-                c, fraction(sc.planes_keep, stage, "slice.planes_keep"), int(sc.round_to)
-            )
+            k = round_keep(c, fraction(planes_keep, stage, "slice.planes_keep"), int(sc.round_to))
             if k < c:
                 planes[stage] = _select(
                     ctx, student, adapter.stage_output(student, stage), producers, k
@@ -135,7 +137,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 if prod is None:
                     continue
                 c = prod[0].out_channels
-                k = round_keep(c, fraction(sc.mid_keep, stage, "slice.mid_keep"), int(sc.round_to))
+                k = round_keep(c, fraction(mid_keep, stage, "slice.mid_keep"), int(sc.round_to))
                 if k < c:
                     mids[b.name] = _select(ctx, student, prod[1], [prod], k)
         if not planes and not mids:
