@@ -70,6 +70,12 @@ class Stage:
 
 STAGES: dict[str, Stage] = {}
 
+# Settings that were added after runs already existed, with the value that reproduces those
+# runs' outputs exactly. While a setting holds this neutral value it is left out of the
+# fingerprints, so run directories and cache entries made before it existed stay valid.
+# ("budget": the whole section is neutral while budget.macs is null.)
+NEUTRAL: dict[str, Any] = {"dataset.val_fraction": 0.0, "select": "last", "budget.macs": None}
+
 
 def register_stage(stage: Stage) -> None:
     if stage.name in STAGES:
@@ -94,7 +100,8 @@ class Context:
 
     def stage_config(self, name: str) -> dict[str, Any]:
         st = STAGES[name]
-        return {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
+        config = {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
+        return _drop_neutral(config)
 
     def fingerprint(self, name: str) -> str:
         st = STAGES[name]
@@ -166,6 +173,24 @@ class Context:
             path, expect_model=self.cfg.model.name, expect_classes=self.num_classes
         )
         return model.to(self.device).eval()
+
+
+def _drop_neutral(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the :data:`NEUTRAL` settings that hold their neutral value."""
+    for path, neutral in NEUTRAL.items():
+        section, _, leaf = path.rpartition(".")
+        if path in config and config[path] == neutral:
+            del config[path]
+        elif (
+            isinstance(config.get(section), dict)
+            and leaf in config[section]
+            and config[section][leaf] == neutral
+        ):
+            if section == "budget":  # the allocator is off: none of its settings matter
+                del config[section]
+            else:
+                config[section] = {k: v for k, v in config[section].items() if k != leaf}
+    return config
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str:

@@ -141,3 +141,22 @@ def test_run_with_best_val_reports_the_selected_epoch(tmp_path):
         best = vals.index(max(vals)) + 1  # the earliest best epoch
         assert m["selected_epoch"] == best and m["last_epoch"] == len(vals)
         assert m["top1"] == m["epochs"][best - 1]["test_top1"]
+
+
+def test_neutral_new_settings_stay_out_of_the_fingerprints(compose_cfg, tmp_path):
+    import m2mdc.stages  # noqa: F401  (registers the stages)
+    from m2mdc.pipeline import Context
+
+    def fingerprints(*overrides):
+        ctx = Context(compose_cfg(*overrides), tmp_path)
+        return {s: ctx.fingerprint(s) for s in ("teacher", "prune", "distill", "slice")}, ctx
+
+    base, ctx = fingerprints()
+    assert "val_fraction" not in ctx.stage_config("teacher")["dataset"]
+    assert "select" not in ctx.stage_config("teacher") and "budget" not in ctx.stage_config("prune")
+    explicit, _ = fingerprints("dataset.val_fraction=0.0", "select=last", "budget.ratios=[0.5]")
+    assert explicit == base  # neutral values (and the settings of an off allocator) change nothing
+    selected, _ = fingerprints("dataset.val_fraction=0.1", "select=best_val")
+    assert all(selected[s] != base[s] for s in base)
+    budgeted, _ = fingerprints("budget.macs=0.3")
+    assert budgeted["teacher"] == base["teacher"] and budgeted["prune"] != base["prune"]
