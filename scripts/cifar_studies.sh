@@ -5,13 +5,14 @@
 #
 # STUDY (default: all, in this order):
 #   sweep      3 seeds x prune.ratio 0.25,0.5, the full pipeline (teacher -> scores -> block_kd
-#              -> inner_slice with the bn_l1 selector), plus the equal-budget teacher
-#              (compare=teacher_same_epochs); teachers and scores shared via the cache
+#              -> inner_slice with the bn_l1 selector); teachers and scores shared via the cache
 #   selectors  the same with slice.selector=cmi at prune.ratio=0.5 (same widths, so equal MACs)
-#   mobilenet  model=mobilenet_v2, the full pipeline, 3 seeds at prune.ratio=0.5
+#   mobilenet  model=mobilenet_v2, the full pipeline, seed 42 at prune.ratio=0.5
 #   kd         the KD toolbox head to head: kd=ce_only,staged_cosine,hinton,attention_transfer,
 #              ig_overlay,ig_at x 3 seeds, one pruned ResNet-18 student (ratio 0.5), no slicing
-#   nocache    the sweep again with use_cache=false, for its wall time
+#   compare    on the sweep's prune.ratio=0.5 runs: the equal-budget teacher and the
+#              Torch-Pruning peer at the inner_slice MACs (compare=[teacher_same_epochs,
+#              torch_pruning]); only the two comparison stages and the profile run
 # Each study writes <out>/<study>/ (Hydra sweep dirs), <out>/<study>/report/ (m2mdc report) and
 # <out>/<study>/wall_seconds. Settings: conf/experiment/cifar10_subset.yaml.
 #
@@ -27,12 +28,12 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) DATA="${2:?--data needs a directory}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
-    -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    sweep | selectors | mobilenet | kd | nocache) STUDIES+=("$1"); shift ;;
+    -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    sweep | selectors | mobilenet | kd | compare) STUDIES+=("$1"); shift ;;
     *) echo "cifar_studies.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ ${#STUDIES[@]} -gt 0 ]] || STUDIES=(sweep selectors mobilenet kd nocache)
+[[ ${#STUDIES[@]} -gt 0 ]] || STUDIES=(sweep selectors mobilenet kd compare)
 
 M2MDC=${M2MDC:-}
 if [[ -z "$M2MDC" ]]; then
@@ -64,13 +65,27 @@ study() {  # study NAME overrides...: one Hydra multirun under $OUT/NAME, timed,
   echo "cifar_studies.sh: $name took $(cat "$dir/wall_seconds") s"
 }
 
+compare_on_sweep() {  # rerun the sweep's prune.ratio=0.5 jobs with both comparisons enabled
+  local dir="$OUT/compare" runs=()
+  mkdir -p "$dir"
+  local t0=$SECONDS
+  for run in "$OUT"/sweep/runs/*/; do
+    grep -qx -- "- prune.ratio=0.5" "$run/.hydra/overrides.yaml" || continue
+    mapfile -t ov < <(sed -n 's/^- //p' "$run/.hydra/overrides.yaml" | grep -v '^command=')
+    "$M2MDC" run "${ov[@]}" "compare=[teacher_same_epochs,torch_pruning]" "hydra.run.dir=$run"
+    runs+=("$run")
+  done
+  echo $((SECONDS - t0)) >"$dir/wall_seconds"
+  "$M2MDC" report "${runs[@]}" --out "$dir/report"
+}
+
 for s in "${STUDIES[@]}"; do
   case "$s" in
-    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 compare=teacher_same_epochs ;;
+    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 ;;
     selectors) study selectors "$SEEDS" prune.ratio=0.5 slice.selector=cmi ;;
-    mobilenet) study mobilenet "$SEEDS" prune.ratio=0.5 model=mobilenet_v2 compare=teacher_same_epochs ;;
-    kd) study kd "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=16 \
+    mobilenet) study mobilenet seed=42 prune.ratio=0.5 model=mobilenet_v2 ;;
+    kd) study kd "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=8 \
       kd=ce_only,staged_cosine,hinton,attention_transfer,ig_overlay,ig_at ;;
-    nocache) study nocache "$SEEDS" prune.ratio=0.25,0.5 compare=teacher_same_epochs use_cache=false ;;
+    compare) compare_on_sweep ;;
   esac
 done
