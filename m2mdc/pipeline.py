@@ -26,7 +26,7 @@ from torch import nn
 from m2mdc import __version__, cache
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
 from m2mdc.config import to_plain, validate
-from m2mdc.data.datasets import ImageData, load_split, load_train_val
+from m2mdc.data.datasets import ImageData, load_split, load_train_val, val_fraction
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.manifest import record_stage
@@ -157,7 +157,7 @@ class Context:
     def val_batches(self) -> Batches | None:
         """The validation split (``dataset.val_fraction``), or None when there is none."""
         ds = self.cfg.dataset
-        if not float(ds.get("val_fraction") or 0):
+        if not val_fraction(ds):
             return None
         return Batches(self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device)
 

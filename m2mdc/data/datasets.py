@@ -249,11 +249,16 @@ def load_split(ds: Any, split: str, cache_dir: str | None = None) -> ImageData:
     return val
 
 
+def val_fraction(ds: Any) -> float:
+    """``dataset.val_fraction`` of any config-like object (0 when it has none)."""
+    return float(getattr(ds, "val_fraction", 0.0) or 0.0)
+
+
 def load_train_val(ds: Any, cache_dir: str | None = None) -> tuple[ImageData, ImageData | None]:
     """The training split read once, and the validation split held out of it (None when
     ``dataset.val_fraction`` is 0)."""
     train = _load_split(ds, "train", cache_dir)
-    fraction = float(ds.get("val_fraction") or 0.0)
+    fraction = val_fraction(ds)
     return split_validation(train, fraction) if fraction else (train, None)
 
 
