@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
     "distill": "staged KD repair of the pruned student against the teacher",
     "slice": "progressive residual-safe channel slicing (planes, mid) with KD repair",
-    "compare": "fair baselines beside the students: compare=teacher_same_epochs",
+    "compare": "fair baselines: compare=teacher_same_epochs and/or torch_pruning (peer)",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
     "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
     "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
