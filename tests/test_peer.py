@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
+from m2mdc import peers
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import load_checkpoint, save_checkpoint
 from m2mdc.errors import M2MError
 from m2mdc.profiling import count_macs, count_params
-from m2mdc.stages import peer
 
 pytest.importorskip("torch_pruning")
 
@@ -20,7 +20,7 @@ pytest.importorskip("torch_pruning")
 def test_pruned_peer_round_trips_through_the_checkpoint_contract(name, tmp_path):
     torch.manual_seed(0)
     teacher = create_model(name, 10).eval()
-    pruned = peer.prune_uniform(teacher, 0.4, 32, "l1").eval()
+    pruned = peers.prune_uniform(teacher, 0.4, 32, "l1").eval()
     assert count_params(pruned) < count_params(teacher)
     pruned.m2mdc_arch["resized_by"] = "torch_pruning"
     save_checkpoint(tmp_path / "model.pt", pruned)
@@ -36,22 +36,22 @@ def test_bisection_meets_the_mac_target_within_tolerance():
     base = count_macs(teacher, 32)["macs"]
     for fraction in (0.6, 0.3):
         target = int(fraction * base)
-        ratio, macs, _ = peer.bisect_ratio(teacher, target, 32, 0.02)
+        ratio, macs, _ = peers.bisect_ratio(teacher, target, 32, 0.02)
         assert abs(macs - target) <= 0.02 * target
         # the reported MACs are those of the model pruned at the reported ratio
-        assert count_macs(peer.prune_uniform(teacher, ratio, 32), 32)["macs"] == macs
+        assert count_macs(peers.prune_uniform(teacher, ratio, 32), 32)["macs"] == macs
 
 
 def test_unreachable_target_is_a_clear_error():
     teacher = create_model("resnet18", 10).eval()
     with pytest.raises(M2MError, match="no uniform Torch-Pruning ratio"):
-        peer.bisect_ratio(teacher, 1000, 32, 0.02)  # far below any 0.95-ratio model
+        peers.bisect_ratio(teacher, 1000, 32, 0.02)  # far below any 0.95-ratio model
 
 
 def test_missing_extra_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails
     with pytest.raises(M2MError, match=r"pip install 'm2mdc\[peers\]'"):
-        peer.prune_uniform(create_model("resnet18", 10), 0.5, 32)
+        peers.prune_uniform(create_model("resnet18", 10), 0.5, 32)
 
 
 def test_peer_terms_are_validated(compose_cfg):

@@ -5,7 +5,6 @@ from m2mdc.stages import (  # noqa: F401
     distill,
     export,
     finetune_teacher,
-    peer,
     profile,
     prune,
     score,

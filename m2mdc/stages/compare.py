@@ -8,20 +8,37 @@ that ran), with the teacher's own recipe (``teacher.unfreeze``, Adam at ``teache
 ``teacher.grad_clip``; a fresh optimizer, as the finished teacher keeps no optimizer state),
 and reports it as the ``teacher_same_epochs`` row. Its batch order continues the teacher's
 (epochs ``teacher.epochs + 1 ...``), so it sees new shuffles and flips, not a replay.
+
+``torch_pruning`` (row ``peer_torch_pruning``): the same teacher pruned by Torch-Pruning to
+the inner_slice student's MACs within ``peer.mac_tolerance`` (:mod:`m2mdc.peers`: one uniform
+ratio, bisected; channels ranked by ``peer.importance``). Like the m2mdc students it gets
+BatchNorm recalibration (``prune.bn_recal_batches``) and then exactly their post-pruning epoch
+budget (``kd.epochs`` + the slicing repairs) at ``kd.lr`` with ``peer.terms`` (default CE + KL
+at T=4).
+
+The result is saved in the checkpoint contract with ``arch.resized_by = "torch_pruning"``:
+the base architecture is rebuilt and every layer resized to its stored tensors before the
+strict load (:func:`m2mdc.arch.surgery.resize_to_state`).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from m2mdc import peers
 from m2mdc.arch.zoo import apply_unfreeze
 from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
 from m2mdc.config import comparisons
+from m2mdc.distill.losses import terms_from_config
+from m2mdc.distill.repair import kd_repair
 from m2mdc.pipeline import Context, Stage, register_stage
-from m2mdc.train.loop import ce_loss, fit
+from m2mdc.profiling import count_params
+from m2mdc.train.loop import ce_loss, evaluate, fit, recalibrate_bn
 from m2mdc.ui import log
 
 NAME = "teacher_same_epochs"
+PEER = peers.NAME
 
 
 def student_epochs(ctx: Context) -> dict[str, int]:
@@ -94,5 +111,92 @@ register_stage(
         keys=("teacher", "select"),
         run=run,
         enabled=lambda cfg: NAME in comparisons(cfg),
+    )
+)
+
+
+def run_peer(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    out = ctx.stage_dir(PEER)
+    target = read_json(ctx.run_dir / "slice" / "metrics.json")
+    size = int(target["input_size"])
+    teacher = ctx.load_model("teacher")
+    ratio, macs, trials = peers.bisect_ratio(
+        teacher, int(target["macs"]), size, float(cfg.peer.mac_tolerance)
+    )
+    grad_batches = None
+    if cfg.peer.importance == "taylor":
+        n = int(cfg.peer.taylor_batches)
+        grad_batches = list(itertools.islice(ctx.train_batches().epoch(0), n))
+    peer = peers.prune_uniform(teacher, ratio, size, str(cfg.peer.importance), grad_batches)
+    arch: dict[str, Any] = peer.m2mdc_arch  # type: ignore[assignment]  # the copy's own dict
+    arch["resized_by"] = "torch_pruning"
+    peer.to(ctx.device)
+    test = ctx.test_batches()
+    top1_pruned = evaluate(peer, test, cfg.perf)["top1"]
+    recalibrate_bn(peer, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
+    top1_recal = evaluate(peer, test, cfg.perf)["top1"]
+    budget = student_epochs(ctx)
+    log.info(
+        f"{PEER}: uniform ratio {ratio:.4f} ({cfg.peer.importance}) gives {macs:,} MACs "
+        f"(inner_slice: {int(target['macs']):,}); top1 {top1_pruned:.2f}% -> {top1_recal:.2f}% "
+        f"after BN recalibration; training {budget['total']} epochs"
+    )
+    terms = terms_from_config(cfg.peer)
+    result = kd_repair(
+        peer,
+        teacher,
+        ctx.train_batches(),
+        test,
+        terms=terms,
+        epochs=budget["total"],
+        lr=float(cfg.kd.lr),
+        grad_clip=float(cfg.kd.grad_clip),
+        temperature=float(cfg.peer.temperature),
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint(PEER),
+        desc=PEER,
+        feature_match="projection",  # only used if peer.terms reads features: no kept map
+        perf=cfg.perf,
+        val=ctx.val_batches(),
+        select=str(cfg.select),
+    )
+    selected = result.selected_row()
+    final = selected["test_top1"] if selected else top1_recal
+    peer.cpu()
+    metrics = {
+        "top1": final,
+        "top1_pruned": top1_pruned,
+        "top1_recal": top1_recal,
+        "ratio": ratio,
+        "importance": str(cfg.peer.importance),
+        "target_macs": int(target["macs"]),
+        "macs": macs,
+        "macs_error_pct": 100.0 * (macs / int(target["macs"]) - 1.0),
+        "params": count_params(peer),
+        "input_size": size,
+        "bisection": trials,
+        "student_epochs": budget,
+        "terms": [t.__dict__ for t in terms],
+        "epochs": result.history,
+        **result.selection(),
+        "train_seconds": round(result.seconds, 3),
+        "resumed_from_epoch": result.resumed_from,
+    }
+    save_checkpoint(out / "model.pt", peer, {"stage": PEER, "top1": final, "ratio": ratio})
+    atomic_write_json(out / "metrics.json", metrics)
+    (out / "state.pt").unlink(missing_ok=True)
+    log.info(f"{PEER}: test top1 {final:.2f}% after {budget['total']} epochs")
+    return metrics
+
+
+register_stage(
+    Stage(
+        name=PEER,
+        command="compare",
+        requires=("teacher", "slice"),
+        keys=("peer", "kd.lr", "kd.grad_clip", "prune.bn_recal_batches", "select"),
+        run=run_peer,
+        enabled=lambda cfg: "torch_pruning" in comparisons(cfg),
     )
 )
