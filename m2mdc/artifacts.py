@@ -122,6 +122,16 @@ def save_checkpoint(
     )
 
 
+def save_trained(
+    out: Path, model: nn.Module, metrics: Mapping[str, Any], meta: Mapping[str, Any]
+) -> None:
+    """A training stage's outputs: ``model.pt`` (checkpoint contract), then ``metrics.json``,
+    then the resumable ``state.pt`` is dropped (only once both are safely on disk)."""
+    save_checkpoint(out / "model.pt", model, meta)
+    atomic_write_json(out / "metrics.json", metrics)
+    (out / "state.pt").unlink(missing_ok=True)
+
+
 def load_checkpoint(
     path: str | Path,
     *,

@@ -6,7 +6,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from m2mdc.arch.zoo import create_model
@@ -16,7 +15,7 @@ from m2mdc.distill.losses import preset_terms
 from m2mdc.distill.repair import kd_repair
 from m2mdc.errors import M2MError
 from m2mdc.train import perf
-from m2mdc.train.loop import evaluate, fit
+from m2mdc.train.loop import ce_loss, evaluate, fit
 
 
 def tiny() -> nn.Module:
@@ -38,12 +37,6 @@ def batches(n: int = 32, size: int = 8, classes: int = 3) -> tuple[Batches, Batc
     return Batches(d, 8, size, train=True, seed=3), Batches(d, 16, size)
 
 
-def ce(m, x, y, epoch):
-    logits = m(x)
-    loss = F.cross_entropy(logits, y)
-    return loss, logits, {"ce": loss}
-
-
 def run_fit(model: nn.Module, tmp_path, cfg) -> list[dict]:
     return fit_result(model, tmp_path, cfg).history
 
@@ -58,7 +51,7 @@ def fit_result(model: nn.Module, tmp_path, cfg, epochs: int = 2):
         epochs=epochs,
         lr=1e-2,
         grad_clip=1.0,
-        loss_fn=ce,
+        loss_fn=ce_loss,
         state_path=tmp_path / "state.pt",
         fingerprint="fp",
         desc="t",

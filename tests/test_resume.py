@@ -7,13 +7,12 @@ import signal
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from m2mdc.data.datasets import ImageData
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
-from m2mdc.train.loop import Interrupted, fit
+from m2mdc.train.loop import Interrupted, ce_loss, fit
 
 
 def tiny():
@@ -53,15 +52,9 @@ def run_fit(model, state_path, loss_fn, epochs=3):
     )
 
 
-def ce(m, x, y, epoch):
-    logits = m(x)
-    loss = F.cross_entropy(logits, y)
-    return loss, logits, {"ce": loss}
-
-
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     ref = tiny()
-    ref_hist = run_fit(ref, tmp_path / "ref.pt", ce).history
+    ref_hist = run_fit(ref, tmp_path / "ref.pt", ce_loss).history
 
     calls = {"n": 0}
 
@@ -69,13 +62,13 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
         calls["n"] += 1
         if epoch == 2 and calls["n"] == 9:  # second batch of epoch 2 (6 batches per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
-        return ce(m, x, y, epoch)
+        return ce_loss(m, x, y, epoch)
 
     model = tiny()
     with pytest.raises(Interrupted, match="epoch 2, batch 3"):
         run_fit(model, tmp_path / "s.pt", stopping)
     resumed = tiny()  # a fresh process would rebuild the model from scratch
-    result = run_fit(resumed, tmp_path / "s.pt", ce)
+    result = run_fit(resumed, tmp_path / "s.pt", ce_loss)
     assert result.resumed_from == 1
     assert [h["test_top1"] for h in result.history] == [h["test_top1"] for h in ref_hist]
     assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in ref_hist]
@@ -85,18 +78,18 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 def test_resume_after_completed_epoch_is_exact(tmp_path):
     ref = tiny()
-    ref_hist = run_fit(ref, tmp_path / "ref.pt", ce).history
+    ref_hist = run_fit(ref, tmp_path / "ref.pt", ce_loss).history
     first = tiny()
-    run_fit(first, tmp_path / "s.pt", ce, epochs=3)  # leaves the state of epoch 3
+    run_fit(first, tmp_path / "s.pt", ce_loss, epochs=3)  # leaves the state of epoch 3
     state = torch.load(tmp_path / "s.pt", weights_only=True)
     assert state["epoch"] == 3 and state["partial"] is None
     again = tiny()
-    result = run_fit(again, tmp_path / "s.pt", ce, epochs=3)
+    result = run_fit(again, tmp_path / "s.pt", ce_loss, epochs=3)
     assert result.resumed_from == 3 and result.history == ref_hist
 
 
 def test_state_of_another_configuration_is_not_resumed(tmp_path):
-    run_fit(tiny(), tmp_path / "s.pt", ce, epochs=1)
+    run_fit(tiny(), tmp_path / "s.pt", ce_loss, epochs=1)
     train, test = data()
     m = tiny()
     res = fit(
@@ -107,7 +100,7 @@ def test_state_of_another_configuration_is_not_resumed(tmp_path):
         epochs=1,
         lr=1e-2,
         grad_clip=1.0,
-        loss_fn=ce,
+        loss_fn=ce_loss,
         state_path=tmp_path / "s.pt",
         fingerprint="other",
         desc="t",
@@ -117,7 +110,7 @@ def test_state_of_another_configuration_is_not_resumed(tmp_path):
 
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_last_good_state(tmp_path):
     def exploding(m, x, y, epoch):
-        loss, logits, terms = ce(m, x, y, epoch)
+        loss, logits, terms = ce_loss(m, x, y, epoch)
         if epoch == 2:
             loss = loss * float("nan")
         return loss, logits, terms

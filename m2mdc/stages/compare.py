@@ -28,7 +28,7 @@ from typing import Any
 
 from m2mdc import peers
 from m2mdc.arch.zoo import apply_unfreeze
-from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
+from m2mdc.artifacts import read_json, save_trained
 from m2mdc.config import comparisons
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
@@ -94,11 +94,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_checkpoint(
-        out / "model.pt", model.cpu(), {"stage": NAME, "top1": final, "seed": int(cfg.seed)}
-    )
-    atomic_write_json(out / "metrics.json", metrics)
-    (out / "state.pt").unlink(missing_ok=True)
+    save_trained(out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)})
     log.info(f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {epochs} epochs")
     return metrics
 
@@ -183,9 +179,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_checkpoint(out / "model.pt", peer, {"stage": PEER, "top1": final, "ratio": ratio})
-    atomic_write_json(out / "metrics.json", metrics)
-    (out / "state.pt").unlink(missing_ok=True)
+    save_trained(out, peer, metrics, {"stage": PEER, "top1": final, "ratio": ratio})
     log.info(f"{PEER}: test top1 {final:.2f}% after {budget['total']} epochs")
     return metrics
 

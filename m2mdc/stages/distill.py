@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
+from m2mdc.artifacts import read_json, save_trained
 from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
@@ -64,9 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_checkpoint(out / "model.pt", student.cpu(), {"stage": "distill", "top1": final})
-    atomic_write_json(out / "metrics.json", metrics)
-    (out / "state.pt").unlink(missing_ok=True)
+    save_trained(out, student.cpu(), metrics, {"stage": "distill", "top1": final})
     log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {int(kd.epochs)} KD epochs")
     return metrics
 

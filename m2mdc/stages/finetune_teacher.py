@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from m2mdc.arch.zoo import apply_unfreeze, create_model
-from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_checkpoint
+from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.train.loop import ce_loss, evaluate, fit
 from m2mdc.ui import log
@@ -103,15 +103,12 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_checkpoint(
-        out / "model.pt",
+    save_trained(
+        out,
         model.cpu(),
+        metrics,
         {"stage": "teacher", "top1": final, "seed": int(cfg.seed), "source": source},
     )
-    from m2mdc.artifacts import atomic_write_json
-
-    atomic_write_json(out / "metrics.json", metrics)
-    (out / "state.pt").unlink(missing_ok=True)
     log.info(f"teacher: test top1 {final:.2f}%")
     return metrics
 
