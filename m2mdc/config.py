@@ -86,6 +86,8 @@ class PruneConfig:
 KD_PRESETS = (
     "staged_cosine",
     "hinton",
+    "kl",
+    "cosine_kl",
     "ce_only",
     "attention_transfer",
     "ig_overlay",
@@ -142,6 +144,9 @@ class SliceConfig:
     repair_epochs: int = _f(1, ge=0)
     selector: str = _f("bn_l1", choices=("bn_gamma", "l1", "bn_l1", "random", "cmi"))
     include_first_stage: bool = False
+    # progressive: one stage per step, each repaired (Algorithm 1); oneshot: every stage cut in
+    # one step from the same model, then the whole repair budget (repair_epochs per stage)
+    schedule: str = _f("progressive", choices=("progressive", "oneshot"))
 
 
 @dataclass

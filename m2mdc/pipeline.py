@@ -74,7 +74,12 @@ STAGES: dict[str, Stage] = {}
 # runs' outputs exactly. While a setting holds this neutral value it is left out of the
 # fingerprints, so run directories and cache entries made before it existed stay valid.
 # ("budget": the whole section is neutral while budget.macs is null.)
-NEUTRAL: dict[str, Any] = {"dataset.val_fraction": 0.0, "select": "last", "budget.macs": None}
+NEUTRAL: dict[str, Any] = {
+    "dataset.val_fraction": 0.0,
+    "select": "last",
+    "budget.macs": None,
+    "slice.schedule": "progressive",
+}
 
 
 def register_stage(stage: Stage) -> None:

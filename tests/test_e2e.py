@@ -393,6 +393,30 @@ def test_teacher_same_epochs_row_trains_the_students_budget(quick_run, tmp_path)
     assert "Teacher (same epochs)" in (report / "report.md").read_text()
 
 
+def test_oneshot_schedule_cuts_every_stage_at_once_with_the_same_repair_budget(quick_run):
+    progressive = json.loads((quick_run / "slice" / "plan.json").read_text())
+    prog_metrics = json.loads((quick_run / "slice" / "metrics.json").read_text())
+    run = quick_run.parent / "oneshot"  # same working directory: the same stage cache
+    args = ("run", *TINY, "slice.schedule=oneshot", "compare=teacher_same_epochs")
+    _ok(run_cli(*args, f"hydra.run.dir={run}", cwd=quick_run.parent))
+    assert "[teacher] reused from cache" in (run / "m2mdc.log").read_text()
+    m = json.loads((run / "slice" / "metrics.json").read_text())
+    plan = json.loads((run / "slice" / "plan.json").read_text())
+    stages = [s["stage"] for s in prog_metrics["steps"]]
+    assert stages == ["layer2", "layer3", "layer4"]
+    assert [s["stage"] for s in m["steps"]] == ["+".join(stages)]
+    # the whole repair budget in one go: slice.repair_epochs (TINY: 1) per stage
+    assert len(m["steps"][0]["repair"]) == len(stages)
+    # same widths and MACs as the progressive schedule; its first step read the same model
+    assert plan["widths"] == progressive["widths"] and m["macs"] == prog_metrics["macs"]
+    first, step = progressive["steps"][0], plan["steps"][0]
+    assert step["planes"]["layer2"] == first["planes"]["layer2"]
+    assert {b: v for b, v in step["mid"].items() if b.startswith("layer2")} == first["mid"]
+    same = json.loads((run / "teacher_same_epochs" / "metrics.json").read_text())
+    kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
+    assert same["extra_epochs"] == kd_epochs + len(stages)
+
+
 def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick_run, tmp_path):
     pytest.importorskip("torch_pruning")
     run = tmp_path / "run"

@@ -45,7 +45,7 @@ def student_epochs(ctx: Context) -> dict[str, int]:
     """The epochs the students trained after pruning: distillation and every slicing repair."""
     kd = len(read_json(ctx.run_dir / "distill" / "metrics.json").get("epochs", []))
     steps = read_json(ctx.run_dir / "slice" / "metrics.json").get("steps", [])
-    repairs = len(steps) * int(ctx.cfg.slice.repair_epochs)
+    repairs = sum(len(step.get("repair", [])) for step in steps)  # the epochs each step ran
     return {"distill": kd, "slice_repairs": repairs, "total": kd + repairs}
 
 

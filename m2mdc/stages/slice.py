@@ -104,9 +104,12 @@ def run(ctx: Context) -> dict[str, Any]:
         if (do_planes or do_mid)
         else []
     )
+    # the slicing steps: one stage each (progressive), or every stage at once (oneshot), which
+    # then repairs for the epochs the progressive steps would have had together
+    groups = [[s] for s in stages] if sc.schedule == "progressive" else [stages] if stages else []
     fp = ctx.fingerprint("slice")
     done_steps = 0
-    for n in range(len(stages), 0, -1):  # resume after the last finished step
+    for n in range(len(groups), 0, -1):  # resume after the last finished step
         step_file = out / f"step-{n}.pt"
         if step_file.is_file():
             model, meta = load_checkpoint(step_file)
@@ -114,38 +117,39 @@ def run(ctx: Context) -> dict[str, Any]:
                 student = model.to(ctx.device)
                 steps, plan_steps = list(meta["steps"]), list(meta["plan_steps"])
                 feat_index, done_steps = list(meta["feat_index"]), n
-                log.info(f"slice: resuming after step {n} ({stages[n - 1]}) from {step_file}")
+                log.info(
+                    f"slice: resuming after step {n} ({'+'.join(groups[n - 1])}) from {step_file}"
+                )
                 break
-    for n, stage in enumerate(stages, start=1):
+    for n, group in enumerate(groups, start=1):
         if n <= done_steps:
             continue
+        stage = "+".join(group)
+        # every selection of a step reads the same model: the one before the step's cut
         planes: dict[str, list[int]] = {}
         mids: dict[str, list[int]] = {}
-        if do_planes:
-            producers = adapter.plane_producers(student, stage)
+        for g in group if do_planes else []:
+            producers = adapter.plane_producers(student, g)
             c = producers[0][0].out_channels
-            k = round_keep(c, fraction(planes_keep, stage, "slice.planes_keep"), int(sc.round_to))
+            k = round_keep(c, fraction(planes_keep, g, "slice.planes_keep"), int(sc.round_to))
             if k < c:
-                planes[stage] = _select(
-                    ctx, student, adapter.stage_output(student, stage), producers, k
-                )
-        if do_mid:
-            for b in adapter.blocks(student):
-                if b.stage != stage:
-                    continue
-                prod = adapter.mid_producers(student, b.name)
-                if prod is None:
-                    continue
-                c = prod[0].out_channels
-                k = round_keep(c, fraction(mid_keep, stage, "slice.mid_keep"), int(sc.round_to))
-                if k < c:
-                    mids[b.name] = _select(ctx, student, prod[1], [prod], k)
+                planes[g] = _select(ctx, student, adapter.stage_output(student, g), producers, k)
+        for b in adapter.blocks(student) if do_mid else []:
+            if b.stage not in group:
+                continue
+            prod = adapter.mid_producers(student, b.name)
+            if prod is None:
+                continue
+            c = prod[0].out_channels
+            k = round_keep(c, fraction(mid_keep, b.stage, "slice.mid_keep"), int(sc.round_to))
+            if k < c:
+                mids[b.name] = _select(ctx, student, prod[1], [prod], k)
         if not planes and not mids:
             continue
         s_dim = adapter.classifier(student).in_features
         student = adapter.slice(student, SlicePlan(planes=planes, mid=mids))  # checks invariants
         if adapter.classifier(student).in_features != s_dim:  # the last planes feed the head
-            feat_index = [feat_index[i] for i in planes[stage]]
+            feat_index = [feat_index[i] for i in planes[[g for g in group if g in planes][-1]]]
         student.to(ctx.device)
         row: dict[str, Any] = {
             "step": n,
@@ -160,7 +164,7 @@ def run(ctx: Context) -> dict[str, Any]:
             kd_train,
             test,
             terms=terms,
-            epochs=int(sc.repair_epochs),
+            epochs=int(sc.repair_epochs) * len(group),
             lr=float(cfg.kd.lr),
             grad_clip=float(cfg.kd.grad_clip),
             temperature=float(cfg.kd.temperature),
