@@ -3,7 +3,8 @@
 #
 #   scripts/cifar_studies.sh [--data DIR] [--out DIR] [STUDY ...]
 #
-# STUDY (default: all, in this order):
+# STUDY (default: all, in this order). sweep, selectors, mobilenet and kd measure the paper's
+# recipe (recipe=paper); recipe compares it with m2mdc's default and its variants.
 #   sweep      3 seeds x prune.ratio 0.25,0.5, the full pipeline (teacher -> scores -> block_kd
 #              -> inner_slice with the bn_l1 selector); teachers and scores shared via the cache
 #   selectors  the same with slice.selector=cmi at prune.ratio=0.5 (same widths, so equal MACs)
@@ -13,6 +14,10 @@
 #   compare    on the sweep's prune.ratio=0.5 runs: the equal-budget teacher and the
 #              Torch-Pruning peer at the inner_slice MACs (compare=[teacher_same_epochs,
 #              torch_pruning]); only the two comparison stages and the profile run
+#   recipe     the recipe study at prune.ratio=0.5 (12.57M MACs), 3 seeds, equal epochs: the
+#              paper's recipe and m2mdc variants (KD loss, slicing schedule, selector,
+#              allocator, best-val selection), the Torch-Pruning peer in the default recipe's
+#              runs and in the best-val runs (same validation split); one sweep dir per variant
 # Each study writes <out>/<study>/ (Hydra sweep dirs), <out>/<study>/report/ (m2mdc report) and
 # <out>/<study>/wall_seconds. Settings: conf/experiment/cifar10_subset.yaml.
 #
@@ -29,11 +34,11 @@ while [[ $# -gt 0 ]]; do
     --data) DATA="${2:?--data needs a directory}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    sweep | selectors | mobilenet | kd | compare) STUDIES+=("$1"); shift ;;
+    sweep | selectors | mobilenet | kd | compare | recipe) STUDIES+=("$1"); shift ;;
     *) echo "cifar_studies.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ ${#STUDIES[@]} -gt 0 ]] || STUDIES=(sweep selectors mobilenet kd compare)
+[[ ${#STUDIES[@]} -gt 0 ]] || STUDIES=(sweep selectors mobilenet kd compare recipe)
 
 M2MDC=${M2MDC:-}
 if [[ -z "$M2MDC" ]]; then
@@ -79,13 +84,36 @@ compare_on_sweep() {  # rerun the sweep's prune.ratio=0.5 jobs with both compari
   "$M2MDC" report "${runs[@]}" --out "$dir/report"
 }
 
+recipe_study() {  # one multirun per variant under $OUT/recipe/<variant>, one report over all
+  local dir="$OUT/recipe" t0=$SECONDS
+  local -A variants=(
+    [paper]="recipe=paper"
+    [paper_kl]="recipe=paper kd=kl"
+    [oneshot_cosine]="recipe=m2mdc compare=torch_pruning"
+    [oneshot_kl]="recipe=m2mdc kd=kl compare=torch_pruning"
+    [oneshot_cosine_kl]="recipe=m2mdc kd=cosine_kl"
+    [oneshot_kl_cmi]="recipe=m2mdc kd=kl slice.selector=cmi"
+    [oneshot_kl_allocator]="recipe=m2mdc kd=kl budget.macs=0.3396"
+    [oneshot_kl_best_val]="recipe=m2mdc kd=kl dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
+  )
+  local name
+  for name in paper paper_kl oneshot_cosine oneshot_kl oneshot_cosine_kl oneshot_kl_cmi \
+    oneshot_kl_allocator oneshot_kl_best_val; do
+    read -ra ov <<<"${variants[$name]}"
+    "$M2MDC" run -m "${COMMON[@]}" "hydra.sweep.dir=$dir/$name" "$SEEDS" prune.ratio=0.5 "${ov[@]}"
+  done
+  echo $((SECONDS - t0)) >"$dir/wall_seconds"
+  "$M2MDC" report "$dir"/*/ --out "$dir/report"
+}
+
 for s in "${STUDIES[@]}"; do
   case "$s" in
-    sweep) study sweep "$SEEDS" prune.ratio=0.25,0.5 ;;
-    selectors) study selectors "$SEEDS" prune.ratio=0.5 slice.selector=cmi ;;
-    mobilenet) study mobilenet seed=42 prune.ratio=0.5 model=mobilenet_v2 ;;
-    kd) study kd "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=8 \
+    sweep) study sweep recipe=paper "$SEEDS" prune.ratio=0.25,0.5 ;;
+    selectors) study selectors recipe=paper "$SEEDS" prune.ratio=0.5 slice.selector=cmi ;;
+    mobilenet) study mobilenet recipe=paper seed=42 prune.ratio=0.5 model=mobilenet_v2 ;;
+    kd) study kd recipe=paper "$SEEDS" prune.ratio=0.5 slice=none kd.ig.steps=8 \
       kd=ce_only,staged_cosine,hinton,attention_transfer,ig_overlay,ig_at ;;
     compare) compare_on_sweep ;;
+    recipe) recipe_study ;;
   esac
 done

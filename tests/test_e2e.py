@@ -373,8 +373,8 @@ def test_teacher_same_epochs_row_trains_the_students_budget(quick_run, tmp_path)
     kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
     slice_steps = json.loads((run / "slice" / "metrics.json").read_text())["steps"]
     repair = int(next(t for t in TINY if t.startswith("slice.repair_epochs=")).split("=")[1])
-    budget = kd_epochs + len(slice_steps) * repair
-    assert kd_epochs == 2 and len(slice_steps) == 3  # TINY: 2 KD epochs, slicing layer2..4
+    budget = kd_epochs + 3 * repair  # TINY: 2 KD epochs; layer2..4 sliced, each 1 repair epoch
+    assert kd_epochs == 2 and [s["stage"] for s in slice_steps] == ["layer2+layer3+layer4"]
 
     m = json.loads((run / "teacher_same_epochs" / "metrics.json").read_text())
     assert m["extra_epochs"] == budget and len(m["epochs"]) == budget
@@ -393,28 +393,29 @@ def test_teacher_same_epochs_row_trains_the_students_budget(quick_run, tmp_path)
     assert "Teacher (same epochs)" in (report / "report.md").read_text()
 
 
-def test_oneshot_schedule_cuts_every_stage_at_once_with_the_same_repair_budget(quick_run):
-    progressive = json.loads((quick_run / "slice" / "plan.json").read_text())
-    prog_metrics = json.loads((quick_run / "slice" / "metrics.json").read_text())
-    run = quick_run.parent / "oneshot"  # same working directory: the same stage cache
-    args = ("run", *TINY, "slice.schedule=oneshot", "compare=teacher_same_epochs")
-    _ok(run_cli(*args, f"hydra.run.dir={run}", cwd=quick_run.parent))
+def test_paper_recipe_slices_progressively_and_the_default_at_once_on_one_budget(quick_run):
+    default = json.loads((quick_run / "slice" / "plan.json").read_text())
+    default_metrics = json.loads((quick_run / "slice" / "metrics.json").read_text())
+    run = quick_run.parent / "paper"  # same working directory: the same stage cache
+    _ok(run_cli("run", *TINY, "recipe=paper", f"hydra.run.dir={run}", cwd=quick_run.parent))
     assert "[teacher] reused from cache" in (run / "m2mdc.log").read_text()
-    m = json.loads((run / "slice" / "metrics.json").read_text())
-    plan = json.loads((run / "slice" / "plan.json").read_text())
-    stages = [s["stage"] for s in prog_metrics["steps"]]
-    assert stages == ["layer2", "layer3", "layer4"]
-    assert [s["stage"] for s in m["steps"]] == ["+".join(stages)]
-    # the whole repair budget in one go: slice.repair_epochs (TINY: 1) per stage
-    assert len(m["steps"][0]["repair"]) == len(stages)
-    # same widths and MACs as the progressive schedule; its first step read the same model
-    assert plan["widths"] == progressive["widths"] and m["macs"] == prog_metrics["macs"]
-    first, step = progressive["steps"][0], plan["steps"][0]
+    paper = json.loads((run / "slice" / "plan.json").read_text())
+    paper_metrics = json.loads((run / "slice" / "metrics.json").read_text())
+    stages = [s["stage"] for s in paper_metrics["steps"]]
+    assert stages == ["layer2", "layer3", "layer4"]  # progressive: one stage per step
+    assert [s["stage"] for s in default_metrics["steps"]] == ["+".join(stages)]  # oneshot
+    # each progressive step repairs slice.repair_epochs (TINY: 1); the oneshot step all of them
+    assert [len(s["repair"]) for s in paper_metrics["steps"]] == [1, 1, 1]
+    assert len(default_metrics["steps"][0]["repair"]) == len(stages)
+    # both repair with the paper's staged cosine alignment
+    assert {"logit_align", "feat_align"} <= set(paper_metrics["steps"][0]["repair"][0])
+    assert {"logit_align", "feat_align"} <= set(default_metrics["steps"][0]["repair"][0])
+    # same widths and MACs; the default's layer2 cut read the same block-pruned student as
+    # the paper's first step (both distill stages start from the same pruned model and data)
+    assert paper["widths"] == default["widths"] and paper_metrics["macs"] == default_metrics["macs"]
+    first, step = paper["steps"][0], default["steps"][0]
     assert step["planes"]["layer2"] == first["planes"]["layer2"]
     assert {b: v for b, v in step["mid"].items() if b.startswith("layer2")} == first["mid"]
-    same = json.loads((run / "teacher_same_epochs" / "metrics.json").read_text())
-    kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
-    assert same["extra_epochs"] == kd_epochs + len(stages)
 
 
 def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick_run, tmp_path):
@@ -425,7 +426,7 @@ def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick
     _ok(run_cli("run", *TINY, compare, f"hydra.run.dir={run}", cwd=tmp_path))
     kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
     slice_metrics = json.loads((run / "slice" / "metrics.json").read_text())
-    budget = kd_epochs + len(slice_metrics["steps"]) * 1  # TINY: slice.repair_epochs=1
+    budget = kd_epochs + 3 * 1  # TINY: layer2..4 sliced, slice.repair_epochs=1
 
     m = json.loads((run / "peer_torch_pruning" / "metrics.json").read_text())
     assert len(m["epochs"]) == budget and m["student_epochs"]["total"] == budget

@@ -31,6 +31,7 @@ from m2mdc.errors import M2MError
 from tests.conftest import run_cli
 
 PRESETS = ("ce_only", "staged_cosine", "hinton", "attention_transfer", "ig_overlay", "ig_at")
+ALL_PRESETS = (*PRESETS, "kl", "cosine_kl")  # kl: the default recipe's loss (tests/test_recipe.py)
 
 
 def _images(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -58,7 +59,7 @@ def test_builtin_term_names_are_the_registry():
     assert sorted(KD_TERM_NAMES) == KD_TERMS.names()
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_every_preset_composes_and_builds_its_terms(compose_cfg, preset):
     cfg = compose_cfg("experiment=kd_comparison", f"kd={preset}")
     validate(cfg)

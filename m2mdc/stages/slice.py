@@ -124,7 +124,6 @@ def run(ctx: Context) -> dict[str, Any]:
     for n, group in enumerate(groups, start=1):
         if n <= done_steps:
             continue
-        stage = "+".join(group)
         # every selection of a step reads the same model: the one before the step's cut
         planes: dict[str, list[int]] = {}
         mids: dict[str, list[int]] = {}
@@ -134,7 +133,9 @@ def run(ctx: Context) -> dict[str, Any]:
             k = round_keep(c, fraction(planes_keep, g, "slice.planes_keep"), int(sc.round_to))
             if k < c:
                 planes[g] = _select(ctx, student, adapter.stage_output(student, g), producers, k)
+        mid_stage: dict[str, str] = {}
         for b in adapter.blocks(student) if do_mid else []:
+            mid_stage[b.name] = b.stage
             if b.stage not in group:
                 continue
             prod = adapter.mid_producers(student, b.name)
@@ -146,6 +147,9 @@ def run(ctx: Context) -> dict[str, Any]:
                 mids[b.name] = _select(ctx, student, prod[1], [prod], k)
         if not planes and not mids:
             continue
+        # the stages this step cuts (a oneshot step repairs repair_epochs for each of them)
+        cut = [g for g in group if g in planes or any(mid_stage[b] == g for b in mids)]
+        stage = "+".join(cut)
         s_dim = adapter.classifier(student).in_features
         student = adapter.slice(student, SlicePlan(planes=planes, mid=mids))  # checks invariants
         if adapter.classifier(student).in_features != s_dim:  # the last planes feed the head
@@ -164,7 +168,7 @@ def run(ctx: Context) -> dict[str, Any]:
             kd_train,
             test,
             terms=terms,
-            epochs=int(sc.repair_epochs) * len(group),
+            epochs=int(sc.repair_epochs) * len(cut),
             lr=float(cfg.kd.lr),
             grad_clip=float(cfg.kd.grad_clip),
             temperature=float(cfg.kd.temperature),
