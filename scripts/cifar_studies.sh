@@ -14,10 +14,10 @@
 #   compare    on the sweep's prune.ratio=0.5 runs: the equal-budget teacher and the
 #              Torch-Pruning peer at the inner_slice MACs (compare=[teacher_same_epochs,
 #              torch_pruning]); only the two comparison stages and the profile run
-#   recipe     the recipe study at prune.ratio=0.5 (12.57M MACs), 3 seeds, equal epochs: the
-#              paper's recipe and m2mdc variants (KD loss, slicing schedule, selector,
-#              allocator, best-val selection), the Torch-Pruning peer in the default recipe's
-#              runs and in the best-val runs (same validation split); one sweep dir per variant
+#   recipe     the recipe study at prune.ratio=0.5 (12.57M MACs), 3 seeds: the paper's recipe
+#              and m2mdc variants (KD loss, slicing schedule, selector, allocator, best-val
+#              selection, recipe=budget), the Torch-Pruning peer (same MACs and epochs) in the
+#              runs marked compare=torch_pruning; one sweep dir per variant
 # Each study writes <out>/<study>/ (Hydra sweep dirs), <out>/<study>/report/ (m2mdc report) and
 # <out>/<study>/wall_seconds. Settings: conf/experiment/cifar10_subset.yaml.
 #
@@ -95,10 +95,15 @@ recipe_study() {  # one multirun per variant under $OUT/recipe/<variant>, one re
     [oneshot_kl_cmi]="recipe=m2mdc kd=kl slice.selector=cmi"
     [oneshot_kl_allocator]="recipe=m2mdc kd=kl budget.macs=0.3396"
     [oneshot_kl_best_val]="recipe=m2mdc kd=kl dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
+    [oneshot_cosine_best_val]="recipe=m2mdc dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
+    [oneshot_allocator]="recipe=m2mdc budget.macs=0.3396"
+    [oneshot_allocator_layer1]="recipe=budget budget.macs=0.3396 compare=torch_pruning"
+    [budget_6_epochs]="recipe=budget budget.macs=0.3396 kd.epochs=2 compare=torch_pruning"
   )
   local name
   for name in paper paper_kl oneshot_cosine oneshot_kl oneshot_cosine_kl oneshot_kl_cmi \
-    oneshot_kl_allocator oneshot_kl_best_val; do
+    oneshot_kl_allocator oneshot_kl_best_val oneshot_cosine_best_val oneshot_allocator \
+    oneshot_allocator_layer1 budget_6_epochs; do
     read -ra ov <<<"${variants[$name]}"
     "$M2MDC" run -m "${COMMON[@]}" "hydra.sweep.dir=$dir/$name" "$SEEDS" prune.ratio=0.5 "${ov[@]}"
   done

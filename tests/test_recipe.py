@@ -41,6 +41,14 @@ def test_paper_recipe_is_progressive_slicing_with_the_staged_cosine_loss(compose
     assert _terms(cfg) == plain
 
 
+def test_budget_recipe_is_the_default_with_the_allocator_over_every_stage(compose_cfg):
+    cfg = compose_cfg("recipe=budget")
+    validate(cfg)
+    assert cfg.slice.schedule == "oneshot" and cfg.kd.name == "staged_cosine"
+    assert cfg.slice.include_first_stage is True and cfg.budget.macs == 0.34
+    assert compose_cfg("recipe=budget", "budget.macs=0.25").budget.macs == 0.25
+
+
 @pytest.mark.parametrize("model", ["resnet18", "resnet34", "mobilenetv2"])
 def test_paper_experiments_use_the_paper_recipe(compose_cfg, model):
     cfg = compose_cfg(f"experiment=paper_{model}")
@@ -65,6 +73,6 @@ def test_unknown_recipe_is_a_one_line_error(tmp_path):
     proc = run_cli("run", "recipe=fast", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "m2mdc: error: recipe=fast is not a valid choice; choose one of: m2mdc, paper"
+        "m2mdc: error: recipe=fast is not a valid choice; choose one of: budget, m2mdc, paper"
     )
     assert not (tmp_path / "outputs").exists()
