@@ -98,18 +98,28 @@ class OutputBuffers:
         return buf
 
 
+def _antialias(x: torch.Tensor, image_size: int) -> bool:
+    """Whether to use the antialiased bilinear kernel: always when downsampling (PIL's
+    ``Resize`` stretches its triangle filter by the scale factor), and on the CPU also when
+    upsampling, where the filter is the plain bilinear one (the same weights, equal up to float
+    rounding) and the antialiased kernel is faster: 1.15x for a 64-image batch 32 -> 224 at
+    two threads, 3x at one thread."""
+    down = x.shape[-1] > image_size or x.shape[-2] > image_size
+    return down or x.device.type == "cpu"
+
+
 def _resize(x: torch.Tensor, image_size: int, buffers: OutputBuffers | None = None) -> torch.Tensor:
     if x.shape[-2:] == (image_size, image_size):
         return x
-    down = x.shape[-1] > image_size or x.shape[-2] > image_size
+    aa = _antialias(x, image_size)
     if buffers is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         # the out= form of exactly the kernel F.interpolate calls (bitwise the same result)
         buf = buffers.take((*x.shape[:-2], image_size, image_size))
-        op = torch.ops.aten._upsample_bilinear2d_aa if down else torch.ops.aten.upsample_bilinear2d
+        op = torch.ops.aten._upsample_bilinear2d_aa if aa else torch.ops.aten.upsample_bilinear2d
         op.out(x, [image_size, image_size], False, None, None, out=buf)
         return buf.view(buf.shape)  # a view: holding it keeps the buffer from being reused
     return F.interpolate(
-        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=down
+        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=aa
     )
 
 
@@ -149,15 +159,22 @@ def preprocess(
     selected images with their maps (resized and flipped like the images, see
     :class:`Overlay`).
 
-    ``buffers`` (CPU): where the resized batch may be written (see :class:`OutputBuffers`);
-    the flips and the normalisation then work in place on it, so no other full-size tensor is
-    allocated. The result is bitwise the same with or without buffers.
+    Without an overlay the flips and the normalisation run at the stored resolution, before
+    the resize: bilinear resizing is linear with weights summing to one per output pixel and
+    mirror-symmetric, so it commutes with both, and at 32 -> 224 they touch 49x fewer values.
+    The result equals resize-then-flip-then-normalise up to float rounding (at most about
+    1e-5 after normalisation, under a thousandth of a uint8 level), and bitwise when no
+    resize is needed.
+
+    ``buffers`` (CPU): where the resized batch may be written (see :class:`OutputBuffers`),
+    so no fresh full-size tensor is allocated. The result is bitwise the same with or
+    without buffers.
     """
     if overlay is None or not bool(overlay.apply.any()):
-        x = _resize(images.float().div_(255.0), image_size, buffers)
+        x = images.float().div_(255.0)
         if flip is not None and bool(flip.any()):
-            x = _flip_(x, flip) if buffers is not None else _flip(x, flip)
-        return normalise(x)
+            x = _flip_(x, flip)
+        return _resize(normalise(x), image_size, buffers)
     x = _resize(images.float().div_(255.0), image_size)
     m = None
     if overlay is not None and bool(overlay.apply.any()):
