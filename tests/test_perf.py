@@ -1,4 +1,5 @@
-"""The ``perf`` section: defaults change nothing; channels_last / bf16 / compile are wired in."""
+"""The ``perf`` section: defaults are plain float32 with fused Adam; channels_last / bf16 /
+compile are wired in."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_schema_defaults_match_the_plain_path(compose_cfg) -> None:
         "channels_last": False,
         "amp": "none",
         "compile": False,
-        "fused_adam": False,
+        "fused_adam": True,
     }
     assert perf.resolve(cfg.perf, "cpu").is_default
     assert list(cfg.profile.batch_sizes) == [1, 64]
@@ -151,11 +152,28 @@ def test_compile_wraps_without_touching_the_module() -> None:
     assert perf.compiled(len, {"compile": True}) is not len
 
 
-def test_fused_adam_trains_close_to_the_default(tmp_path) -> None:
+def test_default_adam_is_fused_and_trains_close_to_the_per_parameter_loop(tmp_path) -> None:
+    model = tiny()
+    assert perf.adam(list(model.parameters()), 1e-2, None).defaults["fused"] is True
+    assert not perf.adam(list(model.parameters()), 1e-2, {"fused_adam": False}).defaults["fused"]
     a = run_fit(tiny(), tmp_path / "a", None)
-    b = run_fit(tiny(), tmp_path / "b", {"fused_adam": True})
+    b = run_fit(tiny(), tmp_path / "b", {"fused_adam": False})
     for ra, rb in zip(a, b, strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3, abs=1e-4)
+
+
+def test_fused_adam_falls_back_where_torch_has_no_fused_kernel(monkeypatch) -> None:
+    real = torch.optim.Adam
+
+    class NoFused(real):  # type: ignore[misc, valid-type]
+        def __init__(self, params, **kw) -> None:
+            if kw.get("fused"):
+                raise RuntimeError("`fused=True` requires params of supported devices")
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFused)
+    opt = perf.adam(list(tiny().parameters()), 1e-2, None)
+    assert isinstance(opt, NoFused) and not opt.defaults["fused"]
 
 
 def test_final_state_leaves_out_the_optimizer(tmp_path) -> None:

@@ -1,7 +1,7 @@
 """Execution-speed settings (config section ``perf``) applied by the training and eval loops.
 
-Three independent switches, all off by default (the default changes nothing: the same
-modules, the same inputs, full float32):
+Independent switches; all but ``fused_adam`` are off by default (the same modules, the same
+inputs, full float32):
 
 * ``channels_last``: the model's 4-D parameters and every input batch use the NHWC memory
   format (faster convolutions with cuDNN/oneDNN on many devices);
@@ -11,9 +11,12 @@ modules, the same inputs, full float32):
   through a :class:`torch.amp.GradScaler`;
 * ``compile``: the forward passes go through :func:`torch.compile` (the module itself is left
   as it is, so its ``state_dict`` keys and checkpoints do not change);
-* ``fused_adam``: Adam's fused multi-tensor kernel instead of the per-parameter loop PyTorch
-  uses on the CPU by default (about 5x faster optimizer steps on a CPU, ~10% of a ResNet-18
-  training step; equal up to float rounding, not bitwise).
+* ``fused_adam`` (on by default): Adam's fused multi-tensor kernel instead of the
+  per-parameter loop PyTorch uses on the CPU by default: the same update, equal up to float
+  rounding (not bitwise), about 5x faster optimizer steps on a CPU (4.6 ms instead of 23 ms
+  per step for a ResNet-18, 10-20 % of a training step at 32x32). Where the installed torch
+  has no fused kernel for the device (CPU before torch 2.4), the per-parameter loop is used.
+  ``perf.fused_adam=false`` reproduces results made with the per-parameter loop bit for bit.
 
 Like ``device``, these are execution settings rather than experiment settings: they are not
 part of the stage fingerprints, so outputs made with different ``perf`` settings are
@@ -55,7 +58,7 @@ class Perf:
     channels_last: bool = False
     amp: str = "none"
     compile: bool = False
-    fused_adam: bool = False
+    fused_adam: bool = True
 
     @property
     def is_default(self) -> bool:
@@ -82,7 +85,7 @@ def resolve(cfg: Any, device: torch.device | str | None = None) -> Perf:
             channels_last=bool(get("channels_last", False)),
             amp=str(get("amp", "none")),
             compile=bool(get("compile", False)),
-            fused_adam=bool(get("fused_adam", False)),
+            fused_adam=bool(get("fused_adam", True)),
         )
     if p.amp not in AMP_DTYPES:
         raise M2MError(f"perf.amp={p.amp!r} is not valid; choose one of: {', '.join(AMP_DTYPES)}")
@@ -160,9 +163,15 @@ def autocast(cfg: Any, device: torch.device | str) -> AbstractContextManager[Any
 
 
 def adam(params: list[nn.Parameter], lr: float, cfg: Any) -> torch.optim.Adam:
-    """Adam over ``params``; the fused implementation when ``perf.fused_adam`` is set."""
+    """Adam over ``params``; the fused implementation when ``perf.fused_adam`` is set and the
+    installed torch has one for the parameters' device (else the per-parameter loop)."""
     if params and resolve(cfg).fused_adam:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except RuntimeError as e:  # no fused kernel for this device in this torch
+            if "fused" not in _warned:
+                _warned.add("fused")
+                log.info(f"perf.fused_adam: {e}; using the per-parameter Adam")
     return torch.optim.Adam(params, lr=lr)
 
 
