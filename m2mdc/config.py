@@ -59,10 +59,15 @@ class DatasetConfig:
     fake_test_size: int = _f(128, gt=0)
 
 
+LR_SCHEDULES = ("constant", "cosine")  # m2mdc.train.loop.lr_factor
+
+
 @dataclass
 class TeacherConfig:
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-3, gt=0)
+    # constant, or cosine: decayed per step to ~0 over the stage's epochs (m2mdc.train.loop)
+    lr_schedule: str = _f("constant", choices=LR_SCHEDULES)
     unfreeze: str = _f("last_third", choices=("last_third", "all"))
     grad_clip: float = _f(1.0, ge=0)
     checkpoint: str | None = None
@@ -126,6 +131,9 @@ class KDConfig:
     name: str = _f("staged_cosine", choices=KD_PRESETS)
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-4, gt=0)
+    # every KD training (distill, each slicing repair, the peer): constant, or cosine over its
+    # epochs
+    lr_schedule: str = _f("constant", choices=LR_SCHEDULES)
     alpha: float = _f(0.1, ge=0)
     beta: float = _f(0.1, ge=0)
     temperature: float = _f(4.0, gt=0)

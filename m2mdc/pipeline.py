@@ -79,6 +79,8 @@ NEUTRAL: dict[str, Any] = {
     "select": "last",
     "budget.macs": None,
     "slice.schedule": "progressive",
+    "teacher.lr_schedule": "constant",
+    "kd.lr_schedule": "constant",
 }
 
 

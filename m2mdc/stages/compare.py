@@ -78,6 +78,7 @@ def run(ctx: Context) -> dict[str, Any]:
         epoch_offset=len(start.get("epochs", [])),
         val=ctx.val_batches(),
         select=str(cfg.select),
+        lr_schedule=str(cfg.teacher.lr_schedule),
     )
     for p in model.parameters():
         p.requires_grad_(True)
@@ -156,6 +157,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         perf=cfg.perf,
         val=ctx.val_batches(),
         select=str(cfg.select),
+        lr_schedule=str(cfg.kd.lr_schedule),
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else top1_recal
@@ -189,7 +191,14 @@ register_stage(
         name=PEER,
         command="compare",
         requires=("teacher", "slice"),
-        keys=("peer", "kd.lr", "kd.grad_clip", "prune.bn_recal_batches", "select"),
+        keys=(
+            "peer",
+            "kd.lr",
+            "kd.lr_schedule",
+            "kd.grad_clip",
+            "prune.bn_recal_batches",
+            "select",
+        ),
         run=run_peer,
         enabled=lambda cfg: "torch_pruning" in comparisons(cfg),
     )

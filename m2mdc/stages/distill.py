@@ -51,6 +51,7 @@ def run(ctx: Context) -> dict[str, Any]:
         perf=cfg.perf,
         val=ctx.val_batches(),
         select=str(cfg.select),
+        lr_schedule=str(kd.lr_schedule),
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else start

@@ -87,6 +87,7 @@ def run(ctx: Context) -> dict[str, Any]:
         perf=cfg.perf,
         val=ctx.val_batches(),
         select=str(cfg.select),
+        lr_schedule=str(cfg.teacher.lr_schedule),
     )
     for p in model.parameters():
         p.requires_grad_(True)

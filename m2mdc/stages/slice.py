@@ -180,6 +180,7 @@ def run(ctx: Context) -> dict[str, Any]:
             perf=cfg.perf,
             val=ctx.val_batches(),
             select=str(cfg.select),
+            lr_schedule=str(cfg.kd.lr_schedule),
         )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
         selected = result.selected_row()

@@ -8,6 +8,7 @@ the seed and the epoch number, see :class:`m2mdc.data.loader.Batches`).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2mdc.artifacts import safe_torch_load, torch_save_atomic
+from m2mdc.config import LR_SCHEDULES
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.train import perf as perf_mod
@@ -36,6 +38,19 @@ LossFn = Callable[
 """(model, x, y, epoch) -> (loss, logits, named loss terms to log); epochs count from 1."""
 
 LOG_EVERY = 20  # steps between host synchronisations for the progress display
+
+
+def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier after ``t`` optimizer steps of ``total_steps``.
+
+    ``constant``: 1. ``cosine``: ``(1 + cos(pi t / T)) / 2``, from 1 at the first step down to
+    nearly 0 at the last, per step (SGDR without restarts, Loshchilov & Hutter 2017).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        return lambda t: 1.0
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
 
 
 def ce_loss(
@@ -209,6 +224,7 @@ def fit(
     epoch_offset: int = 0,
     val: Batches | None = None,
     select: str = "last",
+    lr_schedule: str = "constant",
 ) -> FitResult:
     """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
 
@@ -236,6 +252,10 @@ def fit(
         select: ``last`` keeps the last epoch's weights; ``best_val`` returns the model with
             the weights of the epoch with the highest validation top1 (the earliest on ties).
             The test split is evaluated every epoch for reporting only, never for selection.
+        lr_schedule: ``constant`` (``lr`` throughout) or ``cosine`` (decayed per step over
+            this fit's ``epochs``, see :func:`lr_factor`; each epoch's row then records the
+            ``lr`` its last step used). A cosine state is resumed only by a fit of the same
+            length: its schedule depends on it.
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
@@ -257,6 +277,14 @@ def fit(
     opt = perf_mod.adam(params, lr, pf)
     fwd = perf_mod.prepare(model, pf, device)  # what loss_fn calls; train/eval/state: model
     scaler = perf_mod.grad_scaler(pf, device)
+    total_steps = epochs * len(train)
+    factor = lr_factor(lr_schedule, total_steps)
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        if lr_schedule != "constant" and total_steps > 0
+        else None
+    )
+    schedule_id = {"name": lr_schedule, "total_steps": total_steps} if sched else None
     start, start_step = 1, 0
     partial: dict[str, Any] | None = None
     if state_path.is_file():
@@ -266,6 +294,14 @@ def fit(
             # a final state (no optimizer) of a shorter run: nothing to continue from exactly
             log.info(f"{desc}: {state_path} holds a finished shorter run; starting over")
             usable = False
+        if (
+            usable
+            and state.get("optimizer") is not None
+            and state.get("lr_schedule") != schedule_id
+        ):
+            # the learning rates it trained with belong to another schedule (or length)
+            log.info(f"{desc}: {state_path} holds a run with another lr schedule; starting over")
+            usable = False
         if usable:
             model.load_state_dict(state["model"])
             if extra_state is not None and state.get("extra") is not None:
@@ -274,6 +310,8 @@ def fit(
                 opt.load_state_dict(state["optimizer"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
+            if sched is not None and state.get("scheduler"):
+                sched.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             best = state.get("best")
             result.history = list(state["history"])
@@ -299,6 +337,8 @@ def fit(
                 "extra": extra_state.state_dict() if extra_state is not None else None,
                 "optimizer": None if final else opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None and not final else None,
+                "lr_schedule": schedule_id,
+                "scheduler": sched.state_dict() if sched is not None and not final else None,
                 "history": result.history,
                 "best": best,
                 "rng": _rng_state(),
@@ -343,6 +383,8 @@ def fit(
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)
                     scaler.step(opt)
                     scaler.update()
+                if sched is not None:
+                    sched.step()
                 bs = y.numel()
                 seen += bs
                 d = loss.detach()
@@ -384,6 +426,8 @@ def fit(
                 "train_top1": 100.0 * float(correct) / seen,
             }
             row.update({k: float(v) / seen for k, v in totals.items()})
+            if sched is not None:  # the rate of the epoch's last step
+                row["lr"] = lr * factor(epoch * len(train) - 1)
             if epoch_info is not None:
                 row.update(epoch_info(epoch))
             if val is not None:
