@@ -16,8 +16,9 @@
 #              torch_pruning]); only the two comparison stages and the profile run
 #   recipe     the recipe study at prune.ratio=0.5 (12.57M MACs), 3 seeds: the paper's recipe
 #              and m2mdc variants (KD loss, slicing schedule, selector, allocator, best-val
-#              selection, recipe=budget), the Torch-Pruning peer (same MACs and epochs) in the
-#              runs marked compare=torch_pruning; one sweep dir per variant
+#              selection, recipe=budget, a cosine KD learning rate), the Torch-Pruning peer
+#              (same MACs, epochs and KD learning-rate schedule) in the runs marked
+#              compare=torch_pruning; one sweep dir per variant
 # Each study writes <out>/<study>/ (Hydra sweep dirs), <out>/<study>/report/ (m2mdc report) and
 # <out>/<study>/wall_seconds. Settings: conf/experiment/cifar10_subset.yaml.
 #
@@ -33,7 +34,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --data) DATA="${2:?--data needs a directory}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
-    -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     sweep | selectors | mobilenet | kd | compare | recipe) STUDIES+=("$1"); shift ;;
     *) echo "cifar_studies.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -89,24 +90,28 @@ compare_on_sweep() {  # rerun the sweep's prune.ratio=0.5 jobs with both compari
 
 recipe_study() {  # one multirun per variant under $OUT/recipe/<variant>, one report over all
   local dir="$OUT/recipe" t0=$SECONDS
+  # the variants measured before recipe=m2mdc/budget took the cosine KD rate pin the constant
+  # one they ran with
   local -A variants=(
     [paper]="recipe=paper"
     [paper_kl]="recipe=paper kd=kl"
-    [oneshot_cosine]="recipe=m2mdc compare=torch_pruning"
-    [oneshot_kl]="recipe=m2mdc kd=kl compare=torch_pruning"
-    [oneshot_cosine_kl]="recipe=m2mdc kd=cosine_kl"
-    [oneshot_kl_cmi]="recipe=m2mdc kd=kl slice.selector=cmi"
-    [oneshot_kl_allocator]="recipe=m2mdc kd=kl budget.macs=0.3396"
-    [oneshot_kl_best_val]="recipe=m2mdc kd=kl dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
-    [oneshot_cosine_best_val]="recipe=m2mdc dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
-    [oneshot_allocator]="recipe=m2mdc budget.macs=0.3396"
-    [oneshot_allocator_layer1]="recipe=budget budget.macs=0.3396 compare=torch_pruning"
-    [budget_6_epochs]="recipe=budget budget.macs=0.3396 kd.epochs=2 compare=torch_pruning"
+    [oneshot_cosine]="recipe=m2mdc kd.lr_schedule=constant compare=torch_pruning"
+    [oneshot_kl]="recipe=m2mdc kd.lr_schedule=constant kd=kl compare=torch_pruning"
+    [oneshot_cosine_kl]="recipe=m2mdc kd.lr_schedule=constant kd=cosine_kl"
+    [oneshot_kl_cmi]="recipe=m2mdc kd.lr_schedule=constant kd=kl slice.selector=cmi"
+    [oneshot_kl_allocator]="recipe=m2mdc kd.lr_schedule=constant kd=kl budget.macs=0.3396"
+    [oneshot_kl_best_val]="recipe=m2mdc kd.lr_schedule=constant kd=kl dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
+    [oneshot_cosine_best_val]="recipe=m2mdc kd.lr_schedule=constant dataset.val_fraction=0.1 select=best_val compare=torch_pruning"
+    [oneshot_allocator]="recipe=m2mdc kd.lr_schedule=constant budget.macs=0.3396"
+    [oneshot_allocator_layer1]="recipe=budget kd.lr_schedule=constant budget.macs=0.3396 compare=torch_pruning"
+    [budget_6_epochs]="recipe=budget kd.lr_schedule=constant budget.macs=0.3396 kd.epochs=2 compare=torch_pruning"
+    [oneshot_cosine_lr_cosine]="recipe=m2mdc kd.lr_schedule=cosine compare=torch_pruning"
+    [budget_6_epochs_lr_cosine]="recipe=budget budget.macs=0.3396 kd.epochs=2 kd.lr_schedule=cosine compare=torch_pruning"
   )
   local name
   for name in paper paper_kl oneshot_cosine oneshot_kl oneshot_cosine_kl oneshot_kl_cmi \
     oneshot_kl_allocator oneshot_kl_best_val oneshot_cosine_best_val oneshot_allocator \
-    oneshot_allocator_layer1 budget_6_epochs; do
+    oneshot_allocator_layer1 budget_6_epochs oneshot_cosine_lr_cosine budget_6_epochs_lr_cosine; do
     read -ra ov <<<"${variants[$name]}"
     "$M2MDC" run -m "${COMMON[@]}" "hydra.sweep.dir=$dir/$name" "$SEEDS" prune.ratio=0.5 "${ov[@]}"
   done

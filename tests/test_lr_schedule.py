@@ -171,12 +171,13 @@ def test_lr_schedules_enter_the_fingerprints_only_when_not_constant(compose_cfg,
         stages = ("teacher", "distill", "slice", "peer_torch_pruning", "teacher_same_epochs")
         return {s: ctx.fingerprint(s) for s in stages}
 
-    base = fingerprints()
-    assert fingerprints("teacher.lr_schedule=constant", "kd.lr_schedule=constant") == base
-    kd = fingerprints("kd.lr_schedule=cosine")
+    paper = "recipe=paper"  # a recipe with the constant rate (the default's KD rate is cosine)
+    base = fingerprints(paper)
+    assert fingerprints(paper, "teacher.lr_schedule=constant", "kd.lr_schedule=constant") == base
+    kd = fingerprints(paper, "kd.lr_schedule=cosine")
     assert kd["teacher"] == base["teacher"]
     # the comparisons build on the slice stage (their epoch budget is the students')
     downstream = ("distill", "slice", "peer_torch_pruning", "teacher_same_epochs")
     assert all(kd[s] != base[s] for s in downstream)
-    teacher = fingerprints("teacher.lr_schedule=cosine")
+    teacher = fingerprints(paper, "teacher.lr_schedule=cosine")
     assert all(teacher[s] != base[s] for s in base)  # every later stage builds on the teacher

@@ -17,6 +17,7 @@ def test_default_recipe_is_oneshot_slicing_with_the_staged_cosine_loss(compose_c
     cfg = compose_cfg()
     validate(cfg)
     assert cfg.slice.schedule == "oneshot" and cfg.kd.name == "staged_cosine"
+    assert cfg.kd.lr_schedule == "cosine" and cfg.teacher.lr_schedule == "constant"
     plain = [
         (t.name, t.weight, t.ramped, t.temperature) for t in preset_terms(cfg.kd.name, 0.1, 0.1)
     ]
@@ -35,6 +36,7 @@ def test_paper_recipe_is_progressive_slicing_with_the_staged_cosine_loss(compose
     cfg = compose_cfg("recipe=paper")
     validate(cfg)
     assert cfg.slice.schedule == "progressive" and cfg.kd.name == "staged_cosine"
+    assert cfg.kd.lr_schedule == "constant"
     plain = [
         (t.name, t.weight, t.ramped, t.temperature) for t in preset_terms(cfg.kd.name, 0.1, 0.1)
     ]
@@ -46,6 +48,7 @@ def test_budget_recipe_is_the_default_with_the_allocator_over_every_stage(compos
     validate(cfg)
     assert cfg.slice.schedule == "oneshot" and cfg.kd.name == "staged_cosine"
     assert cfg.slice.include_first_stage is True and cfg.budget.macs == 0.34
+    assert cfg.kd.lr_schedule == "cosine"
     assert compose_cfg("recipe=budget", "budget.macs=0.25").budget.macs == 0.25
 
 
@@ -53,6 +56,7 @@ def test_budget_recipe_is_the_default_with_the_allocator_over_every_stage(compos
 def test_paper_experiments_use_the_paper_recipe(compose_cfg, model):
     cfg = compose_cfg(f"experiment=paper_{model}")
     assert cfg.slice.schedule == "progressive" and cfg.kd.name == "staged_cosine"
+    assert cfg.kd.lr_schedule == "constant"
 
 
 @pytest.mark.parametrize(
@@ -67,6 +71,12 @@ def test_paper_experiments_use_the_paper_recipe(compose_cfg, model):
 def test_explicit_choices_override_the_recipe(compose_cfg, overrides, kd, schedule):
     cfg = compose_cfg(*overrides)
     assert (cfg.kd.name, cfg.slice.schedule) == (kd, schedule)
+
+
+def test_the_recipes_lr_schedule_survives_another_kd_preset_and_yields_to_the_cli(compose_cfg):
+    assert compose_cfg("kd=kl").kd.lr_schedule == "cosine"  # the preset sets the loss only
+    assert compose_cfg("kd.lr_schedule=constant").kd.lr_schedule == "constant"
+    assert compose_cfg("recipe=paper", "kd.lr_schedule=cosine").kd.lr_schedule == "cosine"
 
 
 def test_unknown_recipe_is_a_one_line_error(tmp_path):
