@@ -38,6 +38,21 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
+def tiny_classifier() -> torch.nn.Module:
+    """A seeded 3-class conv net small enough for exact training-loop comparisons."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
 def run_cli(
     *args: str, cwd: Path, timeout: int = 900, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -10,26 +10,17 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from m2mdc.data.datasets import ImageData
 from m2mdc.data.loader import Batches
 from m2mdc.train.loop import Interrupted, ce_loss, fit, lr_factor
+from tests.conftest import tiny_classifier
 
 LR, CLIP = 1e-2, 1.0
 NO_FUSED = {"fused_adam": False}  # the hand-written loop below uses PyTorch's default Adam
 
 
-def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    )
+tiny = tiny_classifier
 
 
 def data() -> tuple[Batches, Batches]:

@@ -17,18 +17,9 @@ from m2mdc.distill.repair import kd_repair
 from m2mdc.errors import M2MError
 from m2mdc.train import perf
 from m2mdc.train.loop import ce_loss, evaluate, fit
+from tests.conftest import tiny_classifier
 
-
-def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    )
+tiny = tiny_classifier
 
 
 def batches(n: int = 32, size: int = 8, classes: int = 3) -> tuple[Batches, Batches]:
