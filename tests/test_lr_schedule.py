@@ -60,21 +60,28 @@ def test_cosine_factor_runs_from_one_to_zero() -> None:
         lr_factor("step", 10)
 
 
-def test_cosine_fit_is_a_hand_written_loop_with_the_cosine_rate(tmp_path) -> None:
-    """The same weights as Adam stepped by hand with lr * (1 + cos(pi t / T)) / 2 at step t."""
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_fit_is_a_hand_written_loop_with_the_scheduled_rate(tmp_path, schedule) -> None:
+    """The same weights as Adam stepped by hand at lr (constant) or lr * (1 + cos(pi t / T))
+    / 2 at step t (cosine); cosine rows record the rate of their epoch's last step."""
     epochs = 3
     model = tiny()
-    result = run(model, tmp_path / "s.pt", "cosine", epochs)
+    result = run(model, tmp_path / "s.pt", schedule, epochs)
 
     ref = tiny().train()
     train, _ = data()
     total = epochs * len(train)
+
+    def rate(t: int) -> float:
+        return LR if schedule == "constant" else LR * 0.5 * (1 + math.cos(math.pi * t / total))
+
     opt = torch.optim.Adam(ref.parameters(), lr=LR)
     t = 0
     for epoch in range(1, epochs + 1):
         for x, y in train.epoch(epoch):
-            for group in opt.param_groups:
-                group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * t / total))
+            if schedule == "cosine":  # the constant run never touches the rate
+                for group in opt.param_groups:
+                    group["lr"] = rate(t)
             loss = F.cross_entropy(ref(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,35 +90,11 @@ def test_cosine_fit_is_a_hand_written_loop_with_the_cosine_rate(tmp_path) -> Non
             t += 1
     for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    # each row records the rate of its epoch's last step
-    per_epoch = len(train)
-    expected = [
-        LR * 0.5 * (1 + math.cos(math.pi * (e * per_epoch - 1) / total))
-        for e in range(1, epochs + 1)
-    ]
-    assert [h["lr"] for h in result.history] == pytest.approx(expected)
-
-
-def test_constant_schedule_is_the_plain_training(tmp_path) -> None:
-    a, b = tiny(), tiny()
-    hist_a = run(a, tmp_path / "a.pt", "constant").history
-    train, test = data()
-    hist_b = fit(
-        b,
-        b.parameters(),
-        train,
-        test,
-        epochs=3,
-        lr=LR,
-        grad_clip=CLIP,
-        loss_fn=ce_loss,
-        state_path=tmp_path / "b.pt",
-        fingerprint="fp",
-        desc="t",
-        perf=NO_FUSED,
-    ).history
-    assert hist_a == hist_b and "lr" not in hist_a[0]
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    if schedule == "constant":
+        assert all("lr" not in h for h in result.history)
+    else:
+        expected = [rate(e * len(train) - 1) for e in range(1, epochs + 1)]
+        assert [h["lr"] for h in result.history] == pytest.approx(expected)
 
 
 def test_interrupted_cosine_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:

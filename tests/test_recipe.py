@@ -9,8 +9,12 @@ from m2mdc.distill.losses import preset_terms, terms_from_config
 from tests.conftest import run_cli
 
 
+def _row(terms):
+    return [(t.name, t.weight, t.ramped, t.temperature) for t in terms]
+
+
 def _terms(cfg):
-    return [(t.name, t.weight, t.ramped, t.temperature) for t in terms_from_config(cfg.kd)]
+    return _row(terms_from_config(cfg.kd))
 
 
 def test_default_recipe_is_oneshot_slicing_with_the_staged_cosine_loss(compose_cfg):
@@ -18,10 +22,7 @@ def test_default_recipe_is_oneshot_slicing_with_the_staged_cosine_loss(compose_c
     validate(cfg)
     assert cfg.slice.schedule == "oneshot" and cfg.kd.name == "staged_cosine"
     assert cfg.kd.lr_schedule == "cosine" and cfg.teacher.lr_schedule == "constant"
-    plain = [
-        (t.name, t.weight, t.ramped, t.temperature) for t in preset_terms(cfg.kd.name, 0.1, 0.1)
-    ]
-    assert _terms(cfg) == plain
+    assert _terms(cfg) == _row(preset_terms(cfg.kd.name, 0.1, 0.1))
 
 
 def test_kl_preset_is_ce_plus_unramped_kl(compose_cfg):
@@ -37,10 +38,7 @@ def test_paper_recipe_is_progressive_slicing_with_the_staged_cosine_loss(compose
     validate(cfg)
     assert cfg.slice.schedule == "progressive" and cfg.kd.name == "staged_cosine"
     assert cfg.kd.lr_schedule == "constant"
-    plain = [
-        (t.name, t.weight, t.ramped, t.temperature) for t in preset_terms(cfg.kd.name, 0.1, 0.1)
-    ]
-    assert _terms(cfg) == plain
+    assert _terms(cfg) == _row(preset_terms(cfg.kd.name, 0.1, 0.1))
 
 
 def test_budget_recipe_is_the_default_with_the_allocator_over_every_stage(compose_cfg):

@@ -133,9 +133,8 @@ def run(ctx: Context) -> dict[str, Any]:
             k = round_keep(c, fraction(planes_keep, g, "slice.planes_keep"), int(sc.round_to))
             if k < c:
                 planes[g] = _select(ctx, student, adapter.stage_output(student, g), producers, k)
-        mid_stage: dict[str, str] = {}
+        cut_stages = set(planes)
         for b in adapter.blocks(student) if do_mid else []:
-            mid_stage[b.name] = b.stage
             if b.stage not in group:
                 continue
             prod = adapter.mid_producers(student, b.name)
@@ -145,15 +144,16 @@ def run(ctx: Context) -> dict[str, Any]:
             k = round_keep(c, fraction(mid_keep, b.stage, "slice.mid_keep"), int(sc.round_to))
             if k < c:
                 mids[b.name] = _select(ctx, student, prod[1], [prod], k)
+                cut_stages.add(b.stage)
         if not planes and not mids:
             continue
         # the stages this step cuts (a oneshot step repairs repair_epochs for each of them)
-        cut = [g for g in group if g in planes or any(mid_stage[b] == g for b in mids)]
+        cut = [g for g in group if g in cut_stages]
         stage = "+".join(cut)
         s_dim = adapter.classifier(student).in_features
         student = adapter.slice(student, SlicePlan(planes=planes, mid=mids))  # checks invariants
         if adapter.classifier(student).in_features != s_dim:  # the last planes feed the head
-            feat_index = [feat_index[i] for i in planes[[g for g in group if g in planes][-1]]]
+            feat_index = [feat_index[i] for i in list(planes.values())[-1]]  # filled in order
         student.to(ctx.device)
         row: dict[str, Any] = {
             "step": n,
