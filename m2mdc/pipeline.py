@@ -9,195 +9,26 @@ different configuration are never overwritten silently (``force=true`` replaces 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig, ListConfig
 
-from m2mdc import __version__, cache
-from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
+from m2mdc import __version__, cache, rundir
+from m2mdc.artifacts import atomic_write_json, read_json
 from m2mdc.config import to_plain, validate
-from m2mdc.data.datasets import ImageData, load_split, load_train_val, val_fraction
-from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.manifest import record_stage
-from m2mdc.train.loop import resolve_device, seed_everything
+from m2mdc.rows import STUDENT_ROWS
+from m2mdc.rundir import get_path, set_path
+from m2mdc.stage import STAGES, Context, Stage
+from m2mdc.train.loop import seed_everything
 from m2mdc.ui import log
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage.
-
-    Attributes:
-        name: its directory under the run directory.
-        command: the CLI command that runs it alone.
-        requires: stages whose outputs it reads.
-        keys: config sections that determine its outputs (besides its upstream stages').
-        run: ``run(ctx) -> metrics``; writes ``<run>/<name>/`` itself.
-        version: bumped when the stage's code changes what it produces.
-        extra: more fingerprint input read from the run directory (e.g. which models exist).
-        cacheable: outputs are shared across runs through the content-addressed cache.
-        enabled: ``enabled(cfg)``: whether ``m2mdc run`` and the stage's command run it
-            (optional stages, e.g. the ``compare=...`` baselines); None = always.
-        derived: outputs are cheap measurements of what is in the run directory (profile):
-            stale ones are recomputed instead of refused, e.g. when a new model appears.
-    """
-
-    name: str
-    command: str
-    requires: tuple[str, ...]
-    keys: tuple[str, ...]
-    run: Callable[[Context], dict[str, Any]]
-    version: int = 1
-    extra: Callable[[Context], Any] | None = None
-    cacheable: bool = False
-    enabled: Callable[[DictConfig], bool] | None = None
-    derived: bool = False
-
-    def is_enabled(self, cfg: DictConfig) -> bool:
-        return self.enabled is None or self.enabled(cfg)
-
-
-STAGES: dict[str, Stage] = {}
-
-# Settings that were added after runs already existed, with the value that reproduces those
-# runs' outputs exactly. While a setting holds this neutral value it is left out of the
-# fingerprints, so run directories and cache entries made before it existed stay valid.
-# ("budget": the whole section is neutral while budget.macs is null.)
-NEUTRAL: dict[str, Any] = {
-    "dataset.val_fraction": 0.0,
-    "select": "last",
-    "budget.macs": None,
-    "slice.schedule": "progressive",
-    "teacher.lr_schedule": "constant",
-    "kd.lr_schedule": "constant",
-}
-
-
-def register_stage(stage: Stage) -> None:
-    if stage.name in STAGES:
-        raise ValueError(f"stage '{stage.name}' is already registered")
-    STAGES[stage.name] = stage
-
-
-class Context:
-    """What a stage needs: the config, the run directory, the device, data and models."""
-
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.device = resolve_device(cfg.device)
-        self._data: dict[str, ImageData] = {}
-
-    # -- paths and fingerprints -------------------------------------------------------------
-    def stage_dir(self, name: str) -> Path:
-        d = self.run_dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def stage_config(self, name: str) -> dict[str, Any]:
-        st = STAGES[name]
-        config = {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
-        return _drop_neutral(config)
-
-    def fingerprint(self, name: str) -> str:
-        st = STAGES[name]
-        payload = {
-            "stage": name,
-            "version": st.version,
-            "config": self.stage_config(name),
-            "upstream": {u: self.fingerprint(u) for u in st.requires},
-            "extra": st.extra(self) if st.extra is not None else None,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    def is_done(self, name: str) -> bool:
-        done = self.run_dir / name / "done.json"
-        return done.is_file() and read_json(done).get("fingerprint") == self.fingerprint(name)
-
-    # -- data --------------------------------------------------------------------------------
-    def data(self, split: str) -> ImageData:
-        if split not in self._data:
-            if split == "test":
-                self._data[split] = load_split(self.cfg.dataset, split, self.cache_dir)
-            else:  # the training images are read once for both train and val
-                train, val = load_train_val(self.cfg.dataset, self.cache_dir)
-                self._data["train"] = train
-                if val is not None:
-                    self._data["val"] = val
-        if split not in self._data:
-            raise M2MError("no validation split: dataset.val_fraction is 0")
-        return self._data[split]
-
-    @property
-    def cache_dir(self) -> str:
-        return str(Path(self.cfg.cache_dir).expanduser().resolve())
-
-    @cached_property
-    def num_classes(self) -> int:
-        ds = self.cfg.dataset
-        if ds.name == "fake" or (ds.num_classes is not None and ds.name != "imagefolder"):
-            return int(ds.num_classes or 10)
-        return self.data("train").num_classes
-
-    def train_batches(self, batch_size: int | None = None) -> Batches:
-        ds = self.cfg.dataset
-        return Batches(
-            self.data("train"),
-            batch_size or ds.batch_size,
-            ds.image_size,
-            train=True,
-            seed=self.cfg.seed,
-            device=self.device,
-        )
-
-    def val_batches(self) -> Batches | None:
-        """The validation split (``dataset.val_fraction``), or None when there is none."""
-        ds = self.cfg.dataset
-        if not val_fraction(ds):
-            return None
-        return Batches(self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device)
-
-    def test_batches(self) -> Batches:
-        ds = self.cfg.dataset
-        return Batches(self.data("test"), ds.eval_batch_size, ds.image_size, device=self.device)
-
-    # -- models ------------------------------------------------------------------------------
-    def load_model(self, stage: str) -> nn.Module:
-        """The model a finished stage saved, on the run's device, in eval mode."""
-        path = self.run_dir / stage / "model.pt"
-        model, _ = load_checkpoint(
-            path, expect_model=self.cfg.model.name, expect_classes=self.num_classes
-        )
-        return model.to(self.device).eval()
-
-
-def _drop_neutral(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` without the :data:`NEUTRAL` settings that hold their neutral value."""
-    for path, neutral in NEUTRAL.items():
-        section, _, leaf = path.rpartition(".")
-        if path in config and config[path] == neutral:
-            del config[path]
-        elif (
-            isinstance(config.get(section), dict)
-            and leaf in config[section]
-            and config[section][leaf] == neutral
-        ):
-            if section == "budget":  # the allocator is off: none of its settings matter
-                del config[section]
-            else:
-                config[section] = {k: v for k, v in config[section].items() if k != leaf}
-    return config
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
@@ -210,10 +41,12 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
     return "" if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
-def execute(ctx: Context, name: str) -> dict[str, Any]:
-    """Run one stage (or skip it when its outputs exist for this configuration)."""
-    st = STAGES[name]
+def _check_inputs(ctx: Context, st: Stage, planned: Sequence[str] = ()) -> None:
+    """Refuse a stage whose prerequisites are missing or were made by another configuration
+    (prerequisites in ``planned`` run first in the same command and are not checked)."""
     for req in st.requires:
+        if req in planned:
+            continue
         if not (ctx.run_dir / req / "done.json").is_file():
             raise M2MError(
                 f"{st.command} needs the outputs of `m2mdc {STAGES[req].command}` in "
@@ -227,26 +60,52 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
                 f"({diff or 'upstream changed'}); rerun `m2mdc {STAGES[req].command}` with this "
                 "configuration or use the original settings"
             )
-    fp = ctx.fingerprint(name)
+
+
+def _check_outputs(ctx: Context, name: str) -> str:
+    """What to do with a stage's existing outputs: ``run``, ``skip`` or ``recompute``; refuse
+    outputs of a different configuration (unless ``force=true``)."""
     done = ctx.run_dir / name / "done.json"
-    if done.is_file():
-        rec = read_json(done)
-        if rec.get("fingerprint") == fp and not ctx.cfg.force:
-            log.info(
-                f"[{name}] skipped: outputs in {done.parent} match this configuration "
-                "(force=true reruns)"
-            )
-            return read_json(done.parent / "metrics.json")
-        if st.derived and not ctx.cfg.force:
+    if not done.is_file():
+        return "run"
+    if ctx.cfg.force:
+        return "recompute"
+    rec = read_json(done)
+    if rec.get("fingerprint") == ctx.fingerprint(name):
+        return "skip"
+    if STAGES[name].derived:
+        return "recompute"
+    diff = _first_difference(rec.get("config", {}), ctx.stage_config(name))
+    raise M2MError(
+        f"{done.parent} holds outputs of a different configuration "
+        f"({diff or 'upstream changed'}); use a new hydra.run.dir, or force=true to replace them"
+    )
+
+
+def preflight(ctx: Context, names: Sequence[str]) -> None:
+    """Everything :func:`execute` would refuse, checked before any stage writes a byte."""
+    for i, name in enumerate(names):
+        _check_inputs(ctx, STAGES[name], planned=names[:i])
+        _check_outputs(ctx, name)
+
+
+def execute(ctx: Context, name: str) -> dict[str, Any]:
+    """Run one stage (or skip it when its outputs exist for this configuration)."""
+    st = STAGES[name]
+    _check_inputs(ctx, st)
+    done = ctx.run_dir / name / "done.json"
+    action = _check_outputs(ctx, name)
+    if action == "skip":
+        log.info(
+            f"[{name}] skipped: outputs in {done.parent} match this configuration "
+            "(force=true reruns)"
+        )
+        return read_json(done.parent / "metrics.json")
+    if action == "recompute":
+        if not ctx.cfg.force:
             log.info(f"[{name}] outputs in {done.parent} are out of date; recomputing them")
-        elif not ctx.cfg.force:
-            diff = _first_difference(rec.get("config", {}), ctx.stage_config(name))
-            raise M2MError(
-                f"{done.parent} holds outputs of a different configuration "
-                f"({diff or 'upstream changed'}); use a new hydra.run.dir, "
-                "or force=true to replace them"
-            )
         done.unlink()
+    fp = ctx.fingerprint(name)
     t0 = time.perf_counter()
     cached_from = None
     if st.cacheable and ctx.cfg.use_cache:
@@ -268,6 +127,9 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
             "fingerprint": fp,
             "stage": name,
             "config": ctx.stage_config(name),
+            # every setting of the command that ran the stage: the config of record reads the
+            # stage's keys from here (recorded_config)
+            "run_config": run_config(ctx.cfg),
             "seconds": round(seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "m2mdc_version": __version__,
@@ -278,6 +140,37 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
     record_stage(ctx.run_dir, name, ctx.cfg)
     log.info(f"[{name}] done in {seconds:.1f}s")
     return metrics
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed configuration as plain data, without Hydra's own node."""
+    plain = to_plain(cfg)
+    plain.pop("hydra", None)
+    return plain
+
+
+def recorded_config(ctx: Context) -> dict[str, Any]:
+    """The config of record of a run directory: for every finished stage, the settings of its
+    fingerprint (``Stage.keys``) as the command that ran it had them; every other setting as
+    the current command has it (they do not change results)."""
+    record = run_config(ctx.cfg)
+    for name in STAGES:
+        done = ctx.run_dir / name / "done.json"
+        if not done.is_file():
+            continue
+        ran_with = read_json(done).get("run_config")
+        if ran_with is None:  # written before run_config was recorded: its own keys only
+            ran_with = {}
+            for key, value in read_json(done).get("config", {}).items():
+                set_path(ran_with, key, value)
+        for key in STAGES[name].keys:
+            value = get_path(ran_with, key, _MISSING)
+            if value is not _MISSING:
+                set_path(record, key, value)
+    return record
+
+
+_MISSING = object()
 
 
 def _run_stage(ctx: Context, st: Stage) -> dict[str, Any]:
@@ -298,20 +191,12 @@ PIPELINE = (
 )
 
 
-def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Dispatch a CLI command on a run directory."""
+def plan(command: str, cfg: DictConfig) -> list[str]:
+    """The stages a command runs, in order (`compare`: every comparison the config enables)."""
     from m2mdc import stages  # noqa: F401  (registers the stages)
-    from m2mdc.stages.summary import write_summary
 
-    ctx = Context(cfg, run_dir)
     if command == "run":
-        for name in PIPELINE:
-            if name in STAGES and STAGES[name].is_enabled(cfg):
-                execute(ctx, name)
-        summary = write_summary(ctx)
-        record_stage(ctx.run_dir, "summary", cfg)
-        return summary
-    # a command runs its stages (`compare`: every comparison the config enables)
+        return [n for n in PIPELINE if n in STAGES and STAGES[n].is_enabled(cfg)]
     names = [s.name for s in STAGES.values() if s.command == command]
     enabled = [n for n in names if STAGES[n].is_enabled(cfg)]
     if not enabled:
@@ -319,25 +204,62 @@ def run_command(command: str, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"{command}: nothing to run; enable it with "
             + " or ".join(f"compare={n}" for n in names)
         )
-    metrics: dict[str, Any] = {}
-    for name in enabled:
-        metrics = execute(ctx, name)
+    return enabled
+
+
+def run_command(
+    command: str, cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run a CLI command on a run directory, holding its lock; returns the last stage's
+    metrics, or the summary for ``run``.
+
+    Nothing is written before every stage of the command has been checked (prerequisites,
+    outputs of another configuration). On success the summary (when the run has a teacher)
+    and ``.hydra/`` are brought up to date.
+    """
+    from m2mdc.stages.summary import write_summary
+
+    names = plan(command, cfg)
+    with rundir.locked(run_dir):
+        ctx = Context(cfg, run_dir)
+        preflight(ctx, names)
+        metrics: dict[str, Any] = {}
+        for name in names:
+            metrics = execute(ctx, name)
+        if (run_dir / "teacher" / "done.json").is_file():
+            summary = write_summary(ctx, recorded_config(ctx))
+            record_stage(run_dir, "summary", cfg)
+            if command == "run":
+                metrics = summary
+        rundir.write_record(run_dir, recorded_config(ctx), overrides)
     return metrics
+
+
+def objective(result: dict[str, Any], sweeper: Any) -> Any:
+    """What a sweeper optimises: the final student's top1 (the last student row of the
+    summary, or the stage's own top1), and for a two-objective sweeper [top1, MACs]."""
+    rows = [r for r in result.get("rows", []) if r.get("model") in STUDENT_ROWS]
+    final = rows[-1] if rows else result
+    top1 = final.get("top1")
+    directions = sweeper.get("direction") if sweeper else None
+    if isinstance(directions, list | ListConfig) and len(directions) == 2:
+        return [top1, final.get("macs")]
+    return top1
 
 
 # -- Hydra entry --------------------------------------------------------------------------
 def _task(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate(cfg)
-        result = run_command(cfg.command, cfg, run_dir)
+        result = run_command(cfg.command, cfg, run_dir, list(hydra_cfg.overrides.task))
     except M2MError as exc:
         print(f"m2mdc: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
-    # a sweeper may optimise on the returned value: the last stage's top1 if any
-    return result.get("top1") if isinstance(result, dict) else None
+    return objective(result, hydra_cfg.sweeper)
 
 
 def hydra_main(command: str, args: Sequence[str]) -> int:

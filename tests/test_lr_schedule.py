@@ -138,7 +138,7 @@ def test_a_cosine_state_is_not_continued_by_a_fit_of_another_length(tmp_path) ->
 
 def test_lr_schedules_enter_the_fingerprints_only_when_not_constant(compose_cfg, tmp_path):
     import m2mdc.stages  # noqa: F401  (registers the stages)
-    from m2mdc.pipeline import Context
+    from m2mdc.stage import Context
 
     def fingerprints(*overrides):
         ctx = Context(compose_cfg(*overrides), tmp_path)

@@ -48,7 +48,7 @@ def test_add_ratios_without_latency() -> None:
 
 
 def test_profile_stage_writes_speedups(compose_cfg, tmp_path) -> None:
-    from m2mdc.pipeline import Context
+    from m2mdc.stage import Context
     from m2mdc.stages import profile
 
     cfg = compose_cfg(

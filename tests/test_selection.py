@@ -145,7 +145,7 @@ def test_run_with_best_val_reports_the_selected_epoch(tmp_path):
 
 def test_neutral_new_settings_stay_out_of_the_fingerprints(compose_cfg, tmp_path):
     import m2mdc.stages  # noqa: F401  (registers the stages)
-    from m2mdc.pipeline import Context
+    from m2mdc.stage import Context
 
     def fingerprints(*overrides):
         ctx = Context(compose_cfg(*overrides), tmp_path)

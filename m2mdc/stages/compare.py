@@ -32,8 +32,8 @@ from m2mdc.artifacts import read_json, save_trained
 from m2mdc.config import comparisons
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
-from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_params
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.train.loop import ce_loss, evaluate, fit, recalibrate_bn
 from m2mdc.ui import log
 

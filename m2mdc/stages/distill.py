@@ -12,7 +12,7 @@ from m2mdc.artifacts import read_json, save_trained
 from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
-from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.ui import log
 
 

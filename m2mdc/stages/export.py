@@ -22,7 +22,7 @@ from torch import nn
 
 from m2mdc.artifacts import atomic_write_bytes, atomic_write_json, load_checkpoint
 from m2mdc.errors import M2MError
-from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.profile import run_models
 from m2mdc.ui import log
 
@@ -36,7 +36,7 @@ def _source(ctx: Context) -> tuple[nn.Module, str]:
     found = run_models(ctx)
     for row in ("inner_slice", "block_kd", "block_pruned", "teacher"):
         if row in found:
-            return ctx.load_model(found[row]).cpu(), f"{found[row]}/model.pt"
+            return ctx.load_model(found[row], expect=False).cpu(), f"{found[row]}/model.pt"
     raise M2MError(
         f"export needs checkpoint=PATH, or a run directory with models ({ctx.run_dir} has none)"
     )

@@ -14,7 +14,7 @@ from torch import nn
 
 from m2mdc.arch.zoo import apply_unfreeze, create_model
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
-from m2mdc.pipeline import Context, Stage, register_stage
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.train.loop import ce_loss, evaluate, fit
 from m2mdc.ui import log
 

@@ -20,35 +20,14 @@ from torch import nn
 from m2mdc.arch import get_adapter
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import atomic_write_json, load_checkpoint
-from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_macs, count_params, measure_latencies
+from m2mdc.rows import finished_models
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.ui import console, table
-
-# summary row name -> stage directory holding its model.pt, in pipeline order
-MODEL_ROWS: tuple[tuple[str, str], ...] = (
-    ("teacher", "teacher"),
-    ("block_pruned", "prune"),
-    ("block_kd", "distill"),
-    ("inner_slice", "slice"),
-    ("teacher_same_epochs", "teacher_same_epochs"),
-    ("peer_torch_pruning", "peer_torch_pruning"),
-)
 
 
 def run_models(ctx: Context) -> dict[str, str]:
-    """Row name -> stage for every finished stage of this run that saved a model.
-
-    ``block_pruned`` (before KD) is listed only when no distilled student exists, since both
-    have the same architecture.
-    """
-    found = {
-        row: st
-        for row, st in MODEL_ROWS
-        if (ctx.run_dir / st / "model.pt").is_file() and (ctx.run_dir / st / "done.json").is_file()
-    }
-    if "block_kd" in found:
-        found.pop("block_pruned", None)
-    return found
+    return finished_models(ctx.run_dir)
 
 
 def input_size(ctx: Context) -> int:
@@ -135,7 +114,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if found:
         mode = "run"
         for row, st in found.items():
-            models[row] = ctx.load_model(st)
+            models[row] = ctx.load_model(st, expect=False)
     elif cfg.checkpoint:
         mode = "checkpoint"
         model, _ = load_checkpoint(cfg.checkpoint)

@@ -16,9 +16,9 @@ from m2mdc.artifacts import atomic_write_json, read_json, save_checkpoint
 from m2mdc.data.datasets import class_interleaved_order
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
-from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.pruning import keep_cfg_from_removals, num_to_remove, parse_keep_cfg, select_removals
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.train.loop import evaluate, recalibrate_bn
 from m2mdc.ui import log
 
@@ -170,7 +170,7 @@ register_stage(
         name="prune",
         command="prune",
         requires=("score",),
-        keys=("prune", "budget"),
+        keys=("prune", "budget", "profile.input_size"),
         run=run,
         extra=_budget_extra,
     )

@@ -13,10 +13,10 @@ from m2mdc.arch import get_adapter
 from m2mdc.artifacts import atomic_write_json
 from m2mdc.data.datasets import class_interleaved_order
 from m2mdc.data.loader import Batches
-from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.scoring.activations import collect_pooled
 from m2mdc.scoring.blocks import BLOCK_SCORERS, rank, score_blocks
 from m2mdc.scoring.mi import binned_mi
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.ui import console, log, table
 
 

@@ -20,10 +20,10 @@ from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.errors import M2MError
-from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.scoring.activations import collect_pooled
 from m2mdc.scoring.channels import SELECTORS, round_keep, select_channels
+from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
 from m2mdc.train.loop import evaluate, recalibrate_bn
 from m2mdc.ui import log
@@ -236,5 +236,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 register_stage(
-    Stage(name="slice", command="slice", requires=("distill",), keys=("slice", "select"), run=run)
+    Stage(
+        name="slice",
+        command="slice",
+        requires=("distill",),
+        keys=("slice", "select", "profile.input_size"),
+        run=run,
+    )
 )

@@ -1,35 +1,56 @@
-"""summary.json: one row per model of the run (teacher, block_kd, inner_slice)."""
+"""summary.json: one row per model of the run (teacher, students, comparisons).
+
+It is rewritten after every successful command on a run directory that has a teacher, so a
+run made stage by stage (``m2mdc finetune-teacher``, ..., ``m2mdc compare``) keeps a complete
+record too. Compute columns come from the profile when it is current for every model of the
+run; otherwise parameters and MACs are counted here and latency is left empty (``profiled``
+is false) until ``m2mdc profile`` runs.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from m2mdc.artifacts import atomic_write_json, read_json
-from m2mdc.pipeline import Context
-from m2mdc.ui import console, table
+from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
+from m2mdc.profiling import count_macs, count_params
+from m2mdc.rows import finished_models
+from m2mdc.stage import STAGES, Context
+from m2mdc.ui import console, log, table
 
 SUMMARY_COLUMNS = ("top1", "params", "macs", "conv_macs", "latency_ms")
 
 
-def write_summary(ctx: Context) -> dict[str, Any]:
-    """Collect top1 (from each stage's metrics) and the profile into ``<run>/summary.json``."""
-    prof = read_json(ctx.run_dir / "profile" / "metrics.json")["models"]
+def _compute_columns(ctx: Context, models: dict[str, str], size: int) -> dict[str, dict]:
+    """Row -> params/MACs/latency: the profile's when it is current, else counted here."""
+    profile = ctx.run_dir / "profile" / "metrics.json"
+    if ctx.is_done("profile") and profile.is_file():
+        prof = read_json(profile)["models"]
+        if all(name in prof for name in models):
+            return {name: dict(prof[name]) for name in models}
+    log.info("summary: the profile is missing or out of date; latency left empty (m2mdc profile)")
+    out = {}
+    for name, st in models.items():
+        model = ctx.load_model(st, expect=False)
+        out[name] = {"params": count_params(model), **count_macs(model, size)}
+    return out
+
+
+def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
+    """Collect top1 (from each stage's metrics) and compute columns into ``<run>/summary.json``.
+
+    ``config`` is the run's config of record (:func:`m2mdc.pipeline.recorded_config`): it is
+    stored whole, and the summary's own fields (ratio, input size, seed) are read from it.
+    """
+    models = finished_models(ctx.run_dir)
+    size = int(config["profile"].get("input_size") or config["dataset"]["image_size"])
+    columns = _compute_columns(ctx, models, size)
     rows: list[dict[str, Any]] = []
-    stage_of = {
-        "teacher": "teacher",
-        "block_pruned": "prune",
-        "block_kd": "distill",
-        "inner_slice": "slice",
-        "teacher_same_epochs": "teacher_same_epochs",
-        "peer_torch_pruning": "peer_torch_pruning",
-    }
-    for name, p in prof.items():
-        stage = stage_of.get(name)
-        if stage is None:
-            continue
+    for name, stage in models.items():
         m = read_json(ctx.run_dir / stage / "metrics.json")
-        row = {"model": name, "top1": m["top1"], **{k: p.get(k) for k in SUMMARY_COLUMNS[1:]}}
-        rows.append(row)
+        p = columns[name]
+        rows.append(
+            {"model": name, "top1": m["top1"], **{k: p.get(k) for k in SUMMARY_COLUMNS[1:]}}
+        )
     teacher = rows[0]
     for r in rows:
         for k in ("params", "macs", "conv_macs"):
@@ -39,13 +60,22 @@ def write_summary(ctx: Context) -> dict[str, Any]:
             r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
     summary = {
         "rows": rows,
-        "model": ctx.cfg.model.name,
-        "dataset": ctx.cfg.dataset.name,
-        "num_classes": ctx.num_classes,
-        "input_size": int(ctx.cfg.profile.input_size or ctx.cfg.dataset.image_size),
-        "seed": int(ctx.cfg.seed),
-        "experiment": ctx.cfg.experiment_name,
-        "prune_ratio": float(ctx.cfg.prune.ratio),
+        "model": config["model"]["name"],
+        "dataset": config["dataset"]["name"],
+        "num_classes": int(
+            load_checkpoint(ctx.run_dir / "teacher" / "model.pt")[0].m2mdc_arch["num_classes"]
+        ),
+        "input_size": size,
+        "seed": int(config["seed"]),
+        "experiment": config["experiment_name"],
+        "prune_ratio": float(config["prune"]["ratio"]),
+        "profiled": all(r.get("latency_ms") is not None for r in rows),
+        "fingerprints": {
+            name: read_json(ctx.run_dir / name / "done.json").get("fingerprint")
+            for name in STAGES
+            if (ctx.run_dir / name / "done.json").is_file()
+        },
+        "config": config,
     }
     atomic_write_json(ctx.run_dir / "summary.json", summary)
     cols = [
