@@ -24,6 +24,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 COMPARISONS = ("teacher_same_epochs", "torch_pruning")
 SELECT = ("last", "best_val")
+BAD_FILES = ("error", "skip")  # m2mdc.data.datasets: what undecodable image files get
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -54,6 +55,9 @@ class DatasetConfig:
     batch_size: int = _f(128, gt=0)
     eval_batch_size: int = _f(256, gt=0)
     num_workers: int = _f(0, ge=0)
+    # image folders: an image file that cannot be decoded stops the run (error), or is left out
+    # with one logged line (skip)
+    bad_files: str = _f("error", choices=BAD_FILES)
     # fake dataset only: examples per split
     fake_train_size: int = _f(512, gt=0)
     fake_test_size: int = _f(128, gt=0)

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from m2mdc.errors import M2MError
+from m2mdc.ui import log
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -110,10 +112,36 @@ def _cifar(name: str, split: str, root: str, download: bool) -> ImageData:
     return ImageData(img, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
 
-def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+@dataclass(frozen=True)
+class FolderSplit:
+    """One split of an image tree as listed (nothing decoded): ``files`` are
+    ``(path, class index)`` pairs in class order, then path order."""
+
+    dir: Path
+    classes: list[str]
+    files: list[tuple[Path, int]]
+
+
+def _folder_root(ds: Any) -> Path:
+    if not ds.root:
+        raise M2MError("dataset.root is required for dataset=imagefolder")
+    root = Path(ds.root).expanduser()
+    if not root.is_dir():
+        raise M2MError(f"dataset.root: {ds.root} does not exist or is not a folder")
+    return root
+
+
+def _names(items: list[str], first: int = 5) -> str:
+    """``a, b, c and 4 more``: a short list for a one-line message."""
+    more = f" and {len(items) - first} more" if len(items) > first else ""
+    return ", ".join(items[:first]) + more
+
+
+def _list_split(root: Path, split: str) -> FolderSplit:
+    split_dir = root / split
     if not split_dir.is_dir():
         raise M2MError(
-            f"dataset.root: {split_dir} does not exist (imagefolder needs root/train and root/test)"
+            f"dataset.root: {split_dir} does not exist (imagefolder needs root/train/<class>/*)"
         )
     classes = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -122,25 +150,100 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int
         raise M2MError(
             f"dataset.root: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)"
         )
-    files = [
-        (f, i)
-        for i, c in enumerate(classes)
-        for f in sorted((split_dir / c).rglob("*"))
-        if f.suffix.lower() in IMG_EXTENSIONS
+    if len(classes) < 2:
+        raise M2MError(
+            f"dataset.root: {split_dir} has one class folder ({classes[0]}); "
+            "a classifier needs at least 2"
+        )
+    per_class = [
+        sorted(
+            f
+            for f in (split_dir / c).rglob("*")
+            if f.suffix.lower() in IMG_EXTENSIONS and f.is_file()
+        )
+        for c in classes
     ]
-    if not files:
-        raise M2MError(f"dataset.root: no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
-    return classes, files
+    empty = [c for c, fs in zip(classes, per_class, strict=True) if not fs]
+    if empty:
+        raise M2MError(
+            f"dataset.root: {split_dir} has class folders without images: {_names(empty)} "
+            f"(image files end in {', '.join(IMG_EXTENSIONS)})"
+        )
+    files = [(f, i) for i, fs in enumerate(per_class) for f in fs]
+    return FolderSplit(split_dir, classes, files)
 
 
-def _decode(path: Path, size: int | None) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+def check_tree(ds: Any) -> dict[str, FolderSplit]:
+    """Check an image tree (``dataset=imagefolder``) without decoding anything, and return its
+    listing per split ("train", and "test" when there is a test folder); ``{}`` for datasets
+    that are not image trees.
 
+    Refused with a one-line :class:`M2MError` naming ``dataset.root``: a missing root or
+    ``train`` folder, fewer than 2 class folders, a class folder without image files, train and
+    test folders with different classes, and a tree without ``test`` when
+    ``dataset.val_fraction`` is 0 (nothing to evaluate on).
+    """
+    if ds.name != "imagefolder":
+        return {}
+    root = _folder_root(ds)
+    tree = {"train": _list_split(root, "train")}
+    if not (root / "test").exists():
+        if not val_fraction(ds):
+            raise M2MError(
+                f"dataset.root: {root} has no test folder; set dataset.val_fraction "
+                "(e.g. dataset.val_fraction=0.1) to evaluate on images held out of its train folder"
+            )
+        return tree
+    tree["test"] = _list_split(root, "test")
+    train, test = set(tree["train"].classes), set(tree["test"].classes)
+    if train != test:
+        only = [
+            f"only in {name}: {_names(sorted(a - b))}"
+            for name, a, b in (("train", train, test), ("test", test, train))
+            if a - b
+        ]
+        raise M2MError(
+            f"dataset.root: {root / 'train'} and {root / 'test'} have different class folders "
+            f"({'; '.join(only)}); give both splits the same classes"
+        )
+    return tree
+
+
+def has_test_split(ds: Any) -> bool:
+    """Whether the dataset has a test split: every built-in dataset does; an image tree only
+    when it has a ``test`` folder (otherwise the validation split stands in for it)."""
+    return ds.name != "imagefolder" or (_folder_root(ds) / "test").exists()
+
+
+# what PIL raises for a file it cannot decode: OSError (UnidentifiedImageError, truncated
+# data, decoder errors), ValueError (malformed headers) and DecompressionBombError
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _why(path: Path, exc: Exception) -> str:
+    """Why ``path`` cannot be decoded, in a few words on one line."""
+    if isinstance(exc, UnidentifiedImageError):  # the file was opened: it exists
+        return "empty file" if path.stat().st_size == 0 else "not an image format PIL can read"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _probe(path: Path) -> tuple[int, int] | str:
+    """The image's (width, height) from its header, or why it cannot be opened."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except DECODE_ERRORS as exc:
+        return _why(path, exc)
+
+
+def _decode(path: Path, size: int | None) -> torch.Tensor | str:
+    """uint8 ``[3, H, W]`` (resized to ``size`` x ``size`` when given), or why it cannot be
+    decoded."""
     try:
         with Image.open(path) as im:
             arr = np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise M2MError(f"dataset.root: cannot decode image {path}: {exc}") from None
+    except DECODE_ERRORS as exc:
+        return _why(path, exc)
     img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if size is not None and tuple(img.shape[1:]) != (size, size):
         img = (
@@ -158,49 +261,85 @@ def _decode(path: Path, size: int | None) -> torch.Tensor:
     return img
 
 
-def _image_folder(
-    split: str, root: str, image_size: int, workers: int, cache_dir: str | None
-) -> ImageData:
-    classes, files = _list_image_folder(Path(root) / split)
-    from PIL import Image
+def _bad_files(split: FolderSplit, bad: list[tuple[str, str]], policy: str) -> None:
+    """Apply ``dataset.bad_files`` to the undecodable files ``bad`` (``(path relative to the
+    split folder, why)``): refuse naming the first, or log one line."""
+    if not bad:
+        return
+    n, total = len(bad), len(split.files)
+    if policy != "skip":
+        first, why = bad[0]
+        which, them = ("first ", "them") if n > 1 else ("", "it")
+        raise M2MError(
+            f"dataset.root: {n} of {total} image files under {split.dir} cannot be decoded "
+            f"({which}{split.dir / first}: {why}); fix or remove {them}, or set "
+            f"dataset.bad_files=skip to leave {them} out"
+        )
+    log.warning(
+        "dataset.bad_files=skip: left out %d of %d image files under %s that cannot be decoded: %s",
+        n,
+        total,
+        split.dir,
+        _names([name for name, _ in bad], first=3),
+    )
 
-    with Image.open(files[0][0]) as first:
-        w, h = first.size
-    # Images of one size are kept as they are (resized later on the batch); mixed sizes are
-    # brought to image_size once at decode time so they can be stacked.
-    size = None if all_same_size(files, (w, h)) else image_size
+
+def _cache_file(split: FolderSplit, size: int | None, cache_dir: str | None) -> Path | None:
+    """Where the decoded split is cached: keyed on the root, the split, the decode size and
+    every listed file with its modification time (what was undecodable is stored inside)."""
+    if not cache_dir:
+        return None
     key = hashlib.sha256(
         repr(
             (
-                str(Path(root).resolve()),
-                split,
+                str(split.dir.parent.resolve()),
+                split.dir.name,
                 size,
-                [(str(f), f.stat().st_mtime_ns) for f, _ in files],
+                [(str(f), f.stat().st_mtime_ns) for f, _ in split.files],
             )
         ).encode()
     ).hexdigest()[:16]
-    cache = Path(cache_dir) / "decoded" / f"imagefolder-{key}.pt" if cache_dir else None
-    if cache is not None and cache.is_file():
-        obj = torch.load(cache, weights_only=True)
-        return ImageData(obj["images"], obj["labels"], list(obj["classes"]))
+    return Path(cache_dir) / "decoded" / f"imagefolder-{key}.pt"
+
+
+def _image_folder(
+    split: FolderSplit, image_size: int, workers: int, cache_dir: str | None, policy: str
+) -> ImageData:
+    files = split.files
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        images = list(pool.map(lambda f: _decode(f[0], size), files))
-    data = ImageData(torch.stack(images), torch.tensor([c for _, c in files]), classes)
+        sizes = list(pool.map(lambda f: _probe(f[0]), files))
+        # Images of one size are kept as they are (resized later on the batch); mixed sizes are
+        # brought to image_size once at decode time so they can be stacked.
+        size = None if len({s for s in sizes if not isinstance(s, str)}) <= 1 else image_size
+        cache = _cache_file(split, size, cache_dir)
+        if cache is not None and cache.is_file():
+            obj = torch.load(cache, weights_only=True)
+            _bad_files(split, [(name, why) for name, why in obj.get("bad", [])], policy)
+            return ImageData(obj["images"], obj["labels"], list(obj["classes"]))
+        decoded = list(
+            pool.map(lambda f, s: s if isinstance(s, str) else _decode(f[0], size), files, sizes)
+        )
+    bad = [
+        (str(f.relative_to(split.dir)), d)
+        for (f, _), d in zip(files, decoded, strict=True)
+        if isinstance(d, str)
+    ]
+    _bad_files(split, bad, policy)
+    good = [(d, c) for (_, c), d in zip(files, decoded, strict=True) if not isinstance(d, str)]
+    lost = sorted(set(range(len(split.classes))) - {c for _, c in good})
+    if lost:
+        raise M2MError(
+            f"dataset.root: no image under {split.dir} can be decoded in the class folders "
+            f"{_names([split.classes[c] for c in lost])}"
+        )
+    images = torch.stack([d for d, _ in good])
+    data = ImageData(images, torch.tensor([c for _, c in good]), split.classes)
     if cache is not None:
         from m2mdc.artifacts import torch_save_atomic
 
-        torch_save_atomic({"images": data.images, "labels": data.labels, "classes": classes}, cache)
+        obj = {"images": data.images, "labels": data.labels, "classes": split.classes, "bad": bad}
+        torch_save_atomic(obj, cache)
     return data
-
-
-def all_same_size(files: list[tuple[Path, int]], size: tuple[int, int]) -> bool:
-    from PIL import Image
-
-    for f, _ in files:
-        with Image.open(f) as im:
-            if im.size != size:
-                return False
-    return True
 
 
 def _fake(split: str, num_classes: int, n: int, image_size: int) -> ImageData:
@@ -262,6 +401,17 @@ def load_train_val(ds: Any, cache_dir: str | None = None) -> tuple[ImageData, Im
     return split_validation(train, fraction) if fraction else (train, None)
 
 
+def _tree_split(ds: Any, split: str) -> FolderSplit:
+    """``split`` of the checked image tree (:func:`check_tree`)."""
+    tree = check_tree(ds)
+    if split not in tree:
+        raise M2MError(
+            f"dataset.root: {ds.root} has no {split} folder, so there is no {split} split; "
+            "evaluate on the validation split (dataset.val_fraction) instead"
+        )
+    return tree[split]
+
+
 def _load_split(ds: Any, split: str, cache_dir: str | None) -> ImageData:
     name = ds.name
     if name == "digits":
@@ -269,9 +419,13 @@ def _load_split(ds: Any, split: str, cache_dir: str | None) -> ImageData:
     elif name in ("cifar10", "cifar100"):
         data = _cifar(name, split, ds.root or f"data/{name}", ds.download)
     elif name == "imagefolder":
-        if not ds.root:
-            raise M2MError("dataset.root is required for dataset=imagefolder")
-        data = _image_folder(split, ds.root, ds.image_size, ds.num_workers, cache_dir)
+        data = _image_folder(
+            _tree_split(ds, split),
+            ds.image_size,
+            ds.num_workers,
+            cache_dir,
+            getattr(ds, "bad_files", "error"),
+        )
     elif name == "fake":
         n = ds.fake_train_size if split == "train" else ds.fake_test_size
         data = _fake(split, ds.num_classes or 10, n, ds.image_size)
