@@ -19,13 +19,11 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from m2mdc import __version__
-from m2mdc.artifacts import atomic_write_json, read_json, sha256_file
 from m2mdc.errors import M2MError
+from m2mdc.fileio import TRANSIENT_PREFIXES, atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn", "fvcore")
-# per-epoch resumable states and step snapshots are transient, not artifacts
-_TRANSIENT = ("state", "step-", ".")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -75,7 +73,7 @@ def record_stage(run_dir: Path, stage: str, cfg: DictConfig) -> None:
         files = sorted(stage_dir.rglob("*")) if stage_dir.is_dir() else []
         files += [run_dir / "summary.json"] if stage == "summary" else []
         for f in files:
-            if not f.is_file() or f.name.startswith(_TRANSIENT):
+            if not f.is_file() or f.name.startswith(TRANSIENT_PREFIXES):
                 continue
             rel = f.relative_to(run_dir).as_posix()
             arts[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size, "stage": stage}
