@@ -1,4 +1,4 @@
-"""Run artifacts: atomic writes and the safe checkpoint format (DESIGN.md contract).
+"""Run artifacts: the safe checkpoint format.
 
 A checkpoint ``model.pt`` holds only tensors and plain data and is always read with
 ``torch.load(..., weights_only=True)``::
@@ -11,12 +11,7 @@ A checkpoint ``model.pt`` holds only tensors and plain data and is always read w
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,66 +21,30 @@ import torch
 from torch import nn
 
 from m2mdc.errors import M2MError
+from m2mdc.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    sha256_file,
+    torch_save_atomic,
+)
+from m2mdc.manifest import verify
+
+__all__ = [  # the file helpers live in m2mdc.fileio and are re-exported for checkpoint users
+    "CHECKPOINT_FORMAT",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "load_checkpoint",
+    "load_state_dict_checked",
+    "read_json",
+    "safe_torch_load",
+    "save_checkpoint",
+    "save_trained",
+    "sha256_file",
+    "torch_save_atomic",
+]
 
 CHECKPOINT_FORMAT = 1
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same directory, fsync, then rename over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Pretty JSON (keys in insertion order: rows stay in pipeline order), written atomically."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    atomic_write_bytes(path, text.encode())
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON artifact; a missing or corrupt file is a user error naming the path."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise M2MError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise M2MError(f"corrupt JSON in {path}: {exc}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` into memory, then an atomic write (a crash never leaves half a file)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -149,7 +108,6 @@ def load_checkpoint(
         (model in eval mode on CPU, meta dict).
     """
     from m2mdc.arch import get_adapter
-    from m2mdc.manifest import verify
 
     if Path(path).is_file():  # the recorded hash first: a changed file is never parsed
         verify(Path(path))

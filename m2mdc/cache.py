@@ -7,21 +7,22 @@ upstream keys and its code version. A 3-seed x 4-ratio sweep trains 3 teachers, 
 
 Concurrent jobs racing for one entry take a file lock: the first computes it, the others wait
 and then reuse it. An entry is published by renaming a finished temporary directory, so an
-interrupted computation never leaves a half entry.
+interrupted computation never leaves a half entry. Entries are created under the umask of the
+process that computes them (hard links share their mode), so a shared ``cache_dir`` is readable
+by lab-mates under the usual umask 022.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
 
-TRANSIENT_PREFIXES = ("state", "step-", ".")
+from m2mdc.fileio import TRANSIENT_PREFIXES, make_temp_dir
 
 
 def entry_dir(cache_dir: str | Path, stage: str, key: str) -> Path:
@@ -32,12 +33,12 @@ def _copy_tree(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and not f.name.startswith(TRANSIENT_PREFIXES):
+            target = dst / f.name
+            target.unlink(missing_ok=True)
             try:  # hard links cost no space; fall back to a copy across file systems
-                target = dst / f.name
-                target.unlink(missing_ok=True)
                 os.link(f, target)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
+            except OSError:  # a new file: its mode follows this process's umask
+                shutil.copyfile(f, target)
 
 
 def fetch(cache_dir: str | Path, stage: str, key: str, dst: Path) -> bool:
@@ -56,7 +57,7 @@ def publish(cache_dir: str | Path, stage: str, key: str, src: Path) -> None:
     if (entry / "COMPLETE").is_file():
         return
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    tmp = make_temp_dir(entry.parent, f".{entry.name}.")
     try:
         _copy_tree(src, tmp)
         (tmp / "COMPLETE").write_text(key + "\n")

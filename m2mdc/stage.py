@@ -23,6 +23,7 @@ from m2mdc.config import to_plain
 from m2mdc.data.datasets import ImageData, load_split, load_train_val, val_fraction
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
+from m2mdc.rows import finished_models
 from m2mdc.train.loop import resolve_device
 
 
@@ -74,6 +75,7 @@ NEUTRAL: dict[str, Any] = {
     "teacher.lr_schedule": "constant",
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size
+    "dataset.bad_files": "error",
 }
 
 
@@ -166,6 +168,14 @@ class Context:
         return Batches(self.data("test"), ds.eval_batch_size, ds.image_size, device=self.device)
 
     # -- models ------------------------------------------------------------------------------
+    def model_fingerprints(self) -> dict[str, str | None]:
+        """Row -> fingerprint of every model the run holds: the fingerprint input of the stages
+        that measure or export whatever models there are (profile, export)."""
+        return {
+            row: read_json(self.run_dir / st / "done.json").get("fingerprint")
+            for row, st in finished_models(self.run_dir).items()
+        }
+
     def load_model(self, stage: str, *, expect: bool = True) -> nn.Module:
         """The model a finished stage saved, on the run's device, in eval mode.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import zipfile
 
@@ -99,3 +100,19 @@ def test_checkpoint_is_a_zip_of_tensors(tmp_path, student):
     path = tmp_path / "model.pt"
     save_checkpoint(path, student)
     assert zipfile.is_zipfile(path)
+
+
+def test_loading_a_run_model_whose_manifest_was_deleted_says_it_is_unverified(
+    tmp_path, student, caplog
+):
+    stage = tmp_path / "run" / "prune"
+    save_checkpoint(stage / "model.pt", student)
+    (stage / "done.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="m2mdc"):
+        model, _ = load_checkpoint(stage / "model.pt")
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in student.parameters()
+    )
+    assert [r.levelno for r in caplog.records if "UNVERIFIED" in r.getMessage()] == [
+        logging.WARNING
+    ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -261,30 +263,55 @@ def test_export_torchscript_with_parity(quick_run, tmp_path):
             cwd=tmp_path,
         )
     )
-    m = json.loads((out / "export" / "metrics.json").read_text())
+    m = json.loads((out / "export" / "torchscript" / "metrics.json").read_text())
     assert m["format"] == "torchscript" and m["max_abs_diff"] <= m["atol"]
-    ts = torch.jit.load(str(out / "export" / "model.ts.pt"))
+    ts = torch.jit.load(str(out / "export" / "torchscript" / "model.ts.pt"))
     model, _ = load_checkpoint(quick_run / "slice" / "model.pt")
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(ts(x), model(x), atol=1e-5)
 
 
-def test_export_onnx_with_parity(quick_run, tmp_path):
-    pytest.importorskip("onnxruntime")
-    out = tmp_path / "onnx"
-    ckpt = quick_run / "slice" / "model.pt"
-    _ok(
-        run_cli(
-            "export",
-            "export.format=onnx",
-            f"checkpoint={ckpt}",
-            f"hydra.run.dir={out}",
-            cwd=tmp_path,
+def test_export_formats_share_a_run_and_the_onnx_file_runs_alone_elsewhere(quick_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    run_dir = tmp_path / "run"
+    shutil.copytree(quick_run, run_dir)
+    _ok(run_cli("export", *TINY, f"hydra.run.dir={run_dir}", cwd=quick_run.parent))
+    old = os.umask(0o027)  # the export follows the umask of the command that writes it
+    try:
+        _ok(
+            run_cli(
+                "export",
+                *TINY,
+                "export.format=onnx",
+                f"hydra.run.dir={run_dir}",
+                cwd=quick_run.parent,
+            )
         )
-    )
-    m = json.loads((out / "export" / "metrics.json").read_text())
-    assert m["format"] == "onnx" and m["source"] == str(ckpt)
-    assert m["max_abs_diff"] <= 1e-4 and (out / "export" / "model.onnx").stat().st_size > 0
+    finally:
+        os.umask(old)
+    ts = json.loads((run_dir / "export" / "torchscript" / "metrics.json").read_text())
+    assert (run_dir / "export" / "torchscript" / "model.ts.pt").stat().st_size == ts["bytes"]
+    onnx_dir = run_dir / "export" / "onnx"
+    m = json.loads((onnx_dir / "metrics.json").read_text())
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["done.json", "metrics.json", "model.onnx"]
+    model, _ = load_checkpoint(run_dir / m["source"])
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert m["bytes"] == (onnx_dir / "model.onnx").stat().st_size > weights * 0.9
+    assert m["files"] == ["model.onnx"]
+    for p in (onnx_dir, onnx_dir / "model.onnx", onnx_dir / "metrics.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o750 if p.is_dir() else 0o640), p
+    moved = tmp_path / "elsewhere" / "model.onnx"
+    moved.parent.mkdir()
+    shutil.copy(onnx_dir / "model.onnx", moved)
+    sess = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, m["input_size"], m["input_size"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        assert torch.allclose(got, model(x), atol=1e-4)
+    manifest = json.loads((run_dir / "manifest.json").read_text())["artifacts"]
+    assert {"export/torchscript/model.ts.pt", "export/onnx/model.onnx"} <= set(manifest)
+    again = _ok(run_cli("export", *TINY, f"hydra.run.dir={run_dir}", cwd=quick_run.parent))
+    assert "[export/torchscript] skipped" in again.stdout + again.stderr
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):

@@ -26,10 +26,6 @@ from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.ui import console, table
 
 
-def run_models(ctx: Context) -> dict[str, str]:
-    return finished_models(ctx.run_dir)
-
-
 def input_size(ctx: Context) -> int:
     return int(ctx.cfg.profile.input_size or ctx.cfg.dataset.image_size)
 
@@ -98,19 +94,10 @@ def add_ratios(rows: dict[str, dict[str, Any]], batch_sizes: list[int]) -> None:
             r["speedup_over_mac_ratio"] = r["latency_speedup"] / r["mac_ratio"]
 
 
-def _fingerprint_extra(ctx: Context) -> Any:
-    from m2mdc.artifacts import read_json
-
-    return {
-        row: read_json(ctx.run_dir / st / "done.json").get("fingerprint")
-        for row, st in run_models(ctx).items()
-    }
-
-
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     models: dict[str, nn.Module] = {}
-    found = run_models(ctx)
+    found = finished_models(ctx.run_dir)
     if found:
         mode = "run"
         for row, st in found.items():
@@ -180,6 +167,6 @@ register_stage(
             "prune.keep_cfg",
         ),
         run=run,
-        extra=_fingerprint_extra,
+        extra=Context.model_fingerprints,
     )
 )

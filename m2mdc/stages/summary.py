@@ -35,6 +35,12 @@ def _compute_columns(ctx: Context, models: dict[str, str], size: int) -> dict[st
     return out
 
 
+def _num_classes(ctx: Context) -> int:
+    """The class count the run's models were built for (the teacher's)."""
+    teacher, _ = load_checkpoint(ctx.run_dir / "teacher" / "model.pt")
+    return int(getattr(teacher, "m2mdc_arch")["num_classes"])  # noqa: B009
+
+
 def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
     """Collect top1 (from each stage's metrics) and compute columns into ``<run>/summary.json``.
 
@@ -62,9 +68,7 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "model": config["model"]["name"],
         "dataset": config["dataset"]["name"],
-        "num_classes": int(
-            load_checkpoint(ctx.run_dir / "teacher" / "model.pt")[0].m2mdc_arch["num_classes"]
-        ),
+        "num_classes": _num_classes(ctx),
         "input_size": size,
         "seed": int(config["seed"]),
         "experiment": config["experiment_name"],
