@@ -1,10 +1,13 @@
 """``m2mdc report DIR... [--out OUTDIR] [--name report]``: tables and plots from finished runs.
 
-Every ``summary.json`` below the given directories is one run. Runs whose composed
-configuration (``.hydra/config.yaml``) is equal apart from the seed and the keys in
-:data:`IGNORED_KEYS` form a group; per group the report holds the per-seed table of the
-paper's Tables 1/3/5, the compute table of Tables 2/4/6 and, for the paper's three models,
-the published numbers beside ours. Outputs (``report.md``, ``.csv``, ``.json``,
+Every ``summary.json`` below the given directories is one run; it and the other files read
+from its run directory are checked against the run's ``manifest.json`` first (a changed file
+is refused, a run without a manifest is included and marked unverified). Runs whose
+configuration (the one ``summary.json`` records, for older summaries ``.hydra/config.yaml``)
+is equal apart from the seed and the keys in :data:`IGNORED_KEYS` form a group; per group the
+report holds the per-seed table of the paper's Tables 1/3/5, the compute table of Tables
+2/4/6 and, where the group ran the paper's dataset and model, the published numbers beside
+ours (:mod:`m2mdc.report_paper`). Outputs (``report.md``, ``.csv``, ``.json``,
 ``pareto.png``, ``kd_curves.png``) are written atomically into OUTDIR.
 """
 
@@ -21,6 +24,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from m2mdc.errors import M2MError
+from m2mdc.report_paper import PAPER, paper_comparison
+from m2mdc.report_paper import ROWS as _ROWS
+from m2mdc.report_paper import change_pct as _change
+from m2mdc.report_paper import scaled as _scaled
 
 # Settings that never change a run's numbers, so runs differing only in them share a group.
 # Besides the seed (which is what a group averages over): how the run was started (command,
@@ -34,7 +41,15 @@ IGNORED_KEYS: tuple[str, ...] = (
     "perf", "export", "dataset.download", "dataset.num_workers",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
-# Used as the grouping key when a run has no .hydra/config.yaml (summary.json fields).
+# Where a run's grouping configuration came from, and what the report says about it.
+CONFIG_SOURCES = {
+    "summary": "the configuration recorded in summary.json by the command that wrote it",
+    "hydra": "summary.json records no configuration (written by an older m2mdc): grouped by "
+    ".hydra/config.yaml, which a later command may have rewritten",
+    "fields": "summary.json records no configuration and there is no .hydra/config.yaml: "
+    "grouped by the summary's model, dataset, classes, input size, experiment and prune ratio",
+}
+# Used as the grouping key when a run records no configuration at all (summary.json fields).
 SUMMARY_KEYS = {"model": "model.name", "dataset": "dataset.name", "experiment": "experiment_name",
                 "prune_ratio": "prune.ratio", "num_classes": "dataset.num_classes",
                 "input_size": "profile.input_size"}  # fmt: skip
@@ -42,52 +57,27 @@ DISPLAY = {"teacher": "Teacher", "block_pruned": "Block-pruned", "block_kd": "Bl
            "inner_slice": "Inner-slice", "teacher_same_epochs": "Teacher (same epochs)",
            "peer_torch_pruning": "Torch-Pruning peer"}  # fmt: skip
 KD_KEYS = ("test_top1", "train_top1", "ce", "logit_align", "feat_align", "alpha", "beta")
+CHANGE_NOTE = (
+    "100 x (row / teacher - 1) of the mean params or MACs over seeds: negative = fewer than "
+    "the teacher (-52.8% is 52.8% fewer). summary.json, the run's console summary and this "
+    "report's .csv/.json give the same quantity with the opposite sign as *_reduction_pct "
+    "(+52.8 = 52.8% fewer)."
+)
 STD_NOTE = (
     "Our ± is the sample standard deviation over seeds (ddof=1); a single seed shows n/a. "
     "The paper's published ± values are population standard deviations (ddof=0): Table 1's "
     "teacher accuracies 82.82, 82.71, 83.93 give 0.55 only with ddof=0 (0.67 with ddof=1)."
 )
 
-# ---- The paper's published values (Levine et al., M2M-DC, Tables 1-6) --------------------
-# top1 per seed (Tables 1/3/5) and the compute profile (Tables 2/4/6), copied verbatim. What
-# the paper used: the text says CIFAR-100 at 224x224, but its ResNet params/GMacs match a
-# 10-class head at 32x32 input and MobileNetV2's match 100 classes at 64x64 (ConvGMACs, i.e.
-# convolutions only, which we compare with our conv_macs). Its "± std" is population std.
-_ROWS = ("teacher", "block_kd", "inner_slice")
-PAPER: dict[str, dict[str, Any]] = {
-    "resnet18": {
-        "tables": "Tables 1 and 2", "mac_column": "GMacs", "mac_key": "macs",
-        "profiled_as": {"num_classes": 10, "input_size": 32},
-        "seeds": {42: (82.82, 85.37, 85.04), 99: (82.71, 85.21, 85.46),
-                  123: (83.93, 85.07, 85.37)},
-        "mean_std": ((83.15, 0.55), (85.22, 0.12), (85.29, 0.18)),
-        "params_m": (11.18, 9.63, 3.09), "gmacs": (0.0372, 0.0230, 0.0139),
-        "stated_inner_slice_change_pct": {"params": -72.4, "gmacs": -62.6},
-    },
-    "resnet34": {
-        "tables": "Tables 3 and 4", "mac_column": "GMacs", "mac_key": "macs",
-        "profiled_as": {"num_classes": 10, "input_size": 32},
-        "seeds": {42: (83.50, 83.56, 84.25), 99: (82.61, 83.58, 84.58),
-                  123: (81.63, 83.86, 85.02)},
-        "mean_std": ((82.58, 0.76), (83.67, 0.14), (84.62, 0.32)),
-        "params_m": (21.29, 16.71, 5.46), "gmacs": (0.0751, 0.0372, 0.0195),
-        "stated_inner_slice_change_pct": {"params": -74.4, "gmacs": -74.0},
-    },
-    "mobilenet_v2": {
-        "tables": "Tables 5 and 6", "mac_column": "ConvGMACs", "mac_key": "conv_macs",
-        "profiled_as": {"num_classes": 100, "input_size": 64},
-        "seeds": {42: (64.76, 65.39, 66.27), 99: (65.44, 68.62, 69.29),
-                  123: (67.88, 69.65, 70.05)},
-        "mean_std": ((66.03, 1.34), (67.89, 1.81), (68.54, 1.63)),
-        "params_m": (2.35, 1.71, 1.71), "gmacs": (0.0244, 0.0186, 0.0186),
-        "stated_inner_slice_change_pct": {"params": -27.4, "gmacs": -23.8},
-    },
-}  # fmt: skip
-
 
 @dataclass
 class Run:
-    """One finished run: its summary rows, grouping configuration and KD history."""
+    """One finished run: its summary rows, grouping configuration and KD history.
+
+    ``config_source`` says where ``config`` came from (:data:`CONFIG_SOURCES`); ``unverified``
+    lists why files the report read could not be checked against the run's manifest (empty:
+    every one was checked); ``blocks_removed`` is ``prune/plan.json``'s list, or None.
+    """
 
     dir: Path
     seed: int | None
@@ -95,6 +85,9 @@ class Run:
     rows: dict[str, dict[str, Any]]
     config: dict[str, Any]
     kd_epochs: list[dict[str, Any]] = field(default_factory=list)
+    config_source: str = "summary"
+    unverified: list[str] = field(default_factory=list)
+    blocks_removed: list[str] | None = None
 
 
 def _flatten(node: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
@@ -111,7 +104,7 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
-def _load_config(run_dir: Path) -> dict[str, Any] | None:
+def _load_hydra_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
@@ -128,34 +121,92 @@ def _load_config(run_dir: Path) -> dict[str, Any] | None:
     return {str(k): v for k, v in cfg.items()} if isinstance(cfg, dict) else None
 
 
-def load_run(summary_path: Path) -> Run:
-    """Read one run directory (summary.json, .hydra/config.yaml, distill/metrics.json)."""
-    from m2mdc.artifacts import read_json
+def _checked_read(run: Run, rel: str) -> Any:
+    """Read ``run.dir/rel`` after checking it against the run's manifest.
 
-    summary = read_json(summary_path)
+    A file whose sha256 differs from the manifest's is refused (M2MError: a report never
+    mixes in a record that changed after it was written); a file that cannot be checked (no
+    manifest, or not recorded in it) is read, and the reason goes to ``run.unverified``.
+    """
+    from m2mdc.artifacts import read_json
+    from m2mdc.manifest import MANIFEST, verify
+
+    manifest = run.dir / MANIFEST
+    arts = None
+    if manifest.is_file():
+        doc = read_json(manifest)
+        arts = doc.get("artifacts") if isinstance(doc, dict) else None
+        if not isinstance(arts, dict):
+            raise M2MError(f"report: {manifest} has no artifacts table; cannot check {run.dir}")
+    if arts is None:
+        why = f"no {MANIFEST}"
+    elif rel not in arts:
+        why = f"{rel} is not recorded in {MANIFEST}"
+    else:
+        try:
+            verify(run.dir / rel)
+        except M2MError as exc:
+            raise M2MError(
+                f"report: {exc}; rerun {run.dir} or leave it out of the report"
+            ) from None
+        why = ""
+    if why and why not in run.unverified:
+        run.unverified.append(why)
+    return read_json(run.dir / rel)
+
+
+def _grouping_config(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """The configuration that produced the results: the one summary.json records; for a
+    summary written before it did, ``.hydra/config.yaml`` (which a later command may have
+    rewritten), else the summary's own fields."""
+    recorded = summary.get("config")
+    if recorded is not None:
+        if not isinstance(recorded, dict):
+            raise M2MError(f"{run.dir / 'summary.json'}: 'config' is not a mapping")
+        run.config_source = "summary"
+        return _flatten(recorded)
+    hydra_cfg = _load_hydra_config(run.dir)
+    if hydra_cfg is not None:
+        run.config_source = "hydra"
+        return _flatten(hydra_cfg)
+    run.config_source = "fields"
+    return {key: summary.get(src) for src, key in SUMMARY_KEYS.items()}
+
+
+def load_run(summary_path: Path) -> Run:
+    """Read one run directory: summary.json and, when present, prune/plan.json and
+    distill/metrics.json, each checked against the run's manifest (see :func:`_checked_read`);
+    ``.hydra/config.yaml`` only for summaries that record no config."""
+    run = Run(summary_path.parent, None, {}, {}, {})
+    summary = _checked_read(run, summary_path.name)
     rows = summary.get("rows") if isinstance(summary, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
         raise M2MError(f"{summary_path} is not an m2mdc summary (no 'rows' list of models)")
-    run_dir = summary_path.parent
-    cfg = _load_config(run_dir)
-    if cfg is not None:
-        config = _flatten(cfg)
-    else:
-        config = {key: summary.get(src) for src, key in SUMMARY_KEYS.items()}
+    config = _grouping_config(run, summary)
     seed = summary.get("seed", config.get("seed"))
-    config = {k: v for k, v in config.items() if not _ignored(k)}
+    run.seed = None if seed is None else int(seed)
+    run.config = {k: v for k, v in config.items() if not _ignored(k)}
     ordered = sorted(rows, key=lambda r: r["model"] != "teacher")  # stable: teacher first
-    kd_path = run_dir / "distill" / "metrics.json"
-    kd = read_json(kd_path).get("epochs", []) if kd_path.is_file() else []
-    meta = {k: v for k, v in summary.items() if k != "rows"}
-    return Run(
-        run_dir,
-        None if seed is None else int(seed),
-        meta,
-        {r["model"]: r for r in ordered},
-        config,
-        kd,
-    )
+    run.rows = {r["model"]: r for r in ordered}
+    run.meta = {k: v for k, v in summary.items() if k not in ("rows", "config", "fingerprints")}
+    if (run.dir / "distill" / "metrics.json").is_file():
+        run.kd_epochs = _checked_read(run, "distill/metrics.json").get("epochs", [])
+    if (run.dir / "prune" / "plan.json").is_file():
+        run.blocks_removed = list(_checked_read(run, "prune/plan.json").get("removed", []))
+    _warn(run)
+    return run
+
+
+def _warn(run: Run) -> None:
+    from m2mdc.ui import log
+
+    if run.unverified:
+        log.warning(
+            f"report: {run.dir} is UNVERIFIED ({'; '.join(run.unverified)}): what it records "
+            "cannot be checked against a sha256; it is included and marked unverified"
+        )
+    if run.config_source != "summary":
+        log.warning(f"report: {run.dir}: {CONFIG_SOURCES[run.config_source]}")
 
 
 def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -178,10 +229,6 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
     if not v:
         return None, None
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None)
-
-
-def _change(value: float | None, ref: float | None) -> float | None:
-    return 100.0 * (value / ref - 1.0) if value is not None and ref else None
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -242,8 +289,10 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Group runs by configuration minus seed/ignored keys; mean/std per row; paper columns.
 
     Returns:
-        JSON-ready groups sorted by model and label, each with ``runs`` (per seed), ``rows``
-        (aggregates, teacher first), ``kd_curve``, ``paper`` (or None) and ``config``.
+        JSON-ready groups sorted by model and label, each with ``runs`` (per seed, with where
+        its configuration came from and why it is unverified, if it is), ``rows`` (aggregates,
+        teacher first), ``blocks_removed`` (per run), ``kd_curve``, ``paper`` (see
+        :func:`~m2mdc.report_paper.paper_comparison`) and ``config``.
     """
     buckets: dict[str, list[Run]] = {}
     for r in runs:
@@ -266,8 +315,14 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
                         "dir": str(r.dir),
                         "seed": r.seed,
                         "top1": {n: row.get("top1") for n, row in r.rows.items()},
+                        "config_source": r.config_source,
+                        "unverified": r.unverified,
+                        "blocks_removed": r.blocks_removed,
                     }
                     for r in members
+                ],
+                "blocks_removed": [
+                    None if r.blocks_removed is None else len(r.blocks_removed) for r in members
                 ],
                 "rows": _aggregate_rows(members),
                 "kd_curve": _kd_curve(members),
@@ -306,72 +361,6 @@ def _mark_pareto(groups: list[dict[str, Any]]) -> None:
             r["pareto"] = i in front
 
 
-def paper_comparison(group: dict[str, Any]) -> dict[str, Any] | None:
-    """The paper's published values beside the group's, with ours − paper, or None."""
-    paper = PAPER.get(str(group["model"]))
-    if paper is None:
-        return None
-    ours = {r["model"]: r for r in group["rows"]}
-    seeds = sorted(set(paper["seeds"]) | {s for s in group["seeds"] if s is not None})
-    by_seed = {r["seed"]: r["top1"] for r in group["runs"]}
-    mac_key = paper["mac_key"]
-    rows: list[dict[str, Any]] = []
-    for i, name in enumerate(_ROWS):
-        o = ours.get(name, {})
-        p_top1, p_std = paper["mean_std"][i]
-        pairs = {
-            "top1": (o.get("top1_mean"), p_top1),
-            "params_m": (_scaled(o.get("params_mean"), 1e6), paper["params_m"][i]),
-            "gmacs": (_scaled(o.get(f"{mac_key}_mean"), 1e9), paper["gmacs"][i]),
-        }
-        row: dict[str, Any] = {
-            "model": name,
-            "top1_std_ours": o.get("top1_std"),
-            "top1_std_paper": p_std,
-            "top1_sample_std_paper": statistics.stdev(v[i] for v in paper["seeds"].values()),
-        }
-        for k, (a, b) in pairs.items():
-            row[f"{k}_ours"], row[f"{k}_paper"] = a, b
-            row[f"{k}_diff"] = None if a is None else a - b
-        for k in ("params_m", "gmacs"):  # change vs teacher; the paper's from its own columns
-            row[f"{k}_change_pct_ours"] = _change(
-                row[f"{k}_ours"], rows[0][f"{k}_ours"] if rows else row[f"{k}_ours"]
-            )
-            row[f"{k}_change_pct_paper"] = _change(paper[k][i], paper[k][0])
-        if name == "inner_slice":  # published; the rounded columns can differ by ~0.2 points
-            stated = paper["stated_inner_slice_change_pct"]
-            row["params_m_change_pct_paper"], row["gmacs_change_pct_paper"] = (
-                stated["params"],
-                stated["gmacs"],
-            )
-        rows.append(row)
-    same = (group["num_classes"], group["input_size"]) == tuple(paper["profiled_as"].values())
-    return {
-        "tables": paper["tables"],
-        "mac_column": paper["mac_column"],
-        "mac_key": mac_key,
-        "paper_used": "CIFAR-100 (text); params/MACs match {num_classes} classes at "
-        "{input_size}x{input_size} input".format(**paper["profiled_as"]),
-        "ours_used": f"{group['dataset']}, {group['num_classes']} classes, "
-        f"{group['input_size']}x{group['input_size']} input",
-        "compute_comparable": same,
-        "seeds": [
-            {
-                "seed": s,
-                "ours": by_seed.get(s, {}),
-                "paper": dict(zip(_ROWS, paper["seeds"].get(s, ()), strict=False)),
-            }
-            for s in seeds
-        ],
-        "rows": rows,
-        "stated_inner_slice_change_pct": paper["stated_inner_slice_change_pct"],
-    }
-
-
-def _scaled(v: float | None, unit: float) -> float | None:
-    return None if v is None else v / unit
-
-
 def main(argv: Sequence[str]) -> int:
     """``m2mdc report``: parse arguments, aggregate, write the report files, print tables."""
     parser = _Parser(
@@ -405,8 +394,8 @@ def to_csv(groups: Sequence[dict[str, Any]]) -> str:
     cols = ["group", "label", "arch", "experiment", "dataset", "num_classes", "input_size",
             "model", "n", "seeds", "top1_mean", "top1_std", "params_mean", "macs_mean",
             "conv_macs_mean", "latency_ms_mean", "params_reduction_pct", "macs_reduction_pct",
-            "conv_macs_reduction_pct", "top1_delta", "pareto", "paper_top1", "paper_params_m",
-            "paper_gmacs", "top1_minus_paper"]  # fmt: skip
+            "conv_macs_reduction_pct", "top1_delta", "pareto", "unverified_runs", "paper_config",
+            "paper_top1", "paper_params_m", "paper_gmacs", "top1_minus_paper"]  # fmt: skip
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
@@ -414,6 +403,8 @@ def to_csv(groups: Sequence[dict[str, Any]]) -> str:
         paper = {r["model"]: r for r in (g["paper"] or {}).get("rows", [])}
         meta = {"group": g["id"], "arch": g["model"], "seeds": " ".join(map(str, g["seeds"]))}
         meta |= {k: g[k] for k in ("label", "experiment", "dataset", "num_classes", "input_size")}
+        meta |= {"unverified_runs": sum(bool(r["unverified"]) for r in g["runs"])}
+        meta |= {"paper_config": _paper_config(g["paper"])}
         for r in g["rows"]:
             p = paper.get(r["model"], {})
             w.writerow(
@@ -424,6 +415,15 @@ def to_csv(groups: Sequence[dict[str, Any]]) -> str:
                 | {"top1_minus_paper": p.get("top1_diff")}
             )
     return buf.getvalue()
+
+
+def _paper_config(p: dict[str, Any] | None) -> str:
+    """One cell: whether the paper's values were shown and, if so, what differs."""
+    if p is None:
+        return ""
+    if not p["shown"]:
+        return f"not shown: {p['why']}"
+    return "differs: " + "; ".join(p["differs"]) if p["differs"] else "same"
 
 
 # ---- rendering: markdown, console, files ------------------------------------------------
@@ -458,9 +458,11 @@ def seed_table(g: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def compute_table(g: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Tables 2/4/6 layout plus ConvGMacs, latency and the changes vs the teacher's means."""
+    """Tables 2/4/6 layout plus ConvGMacs, latency and the changes vs the teacher's means
+    (:data:`CHANGE_NOTE`: negative = fewer than the teacher)."""
     head = ["Model", "Acc (mean)", "Params (M)", "GMacs", "ConvGMacs", "Latency (ms)",
-            "Params vs teacher", "GMacs vs teacher", "ConvGMacs vs teacher", "Pareto"]  # fmt: skip
+            "Params change vs teacher", "GMacs change vs teacher",
+            "ConvGMacs change vs teacher", "Pareto"]  # fmt: skip
     body = [
         [
             _name(r["model"]),
@@ -509,7 +511,7 @@ def paper_tables(p: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     )
     mac, spec = p["mac_column"], (("top1", 2), ("params_m", 2), ("gmacs", 4))
     head2 = ["Model"] + [c for h in ("Acc", "Params (M)", mac) for c in (f"{h} ours", "paper", "Δ")]
-    head2 += ["Params vs teacher ours", "paper", f"{mac} vs teacher ours", "paper"]
+    head2 += ["Params change vs teacher ours", "paper", f"{mac} change vs teacher ours", "paper"]
     body2 = [
         [_name(r["model"])]
         + [_f(r[f"{k}_{side}"], nd, sign=side == "diff") for k, nd in spec for side in SIDES]
@@ -533,10 +535,112 @@ def _md(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", rule, *("| " + " | ".join(r) + " |" for r in body), ""]
 
 
+def _notes() -> list[str]:
+    return [
+        "- **Groups**: runs whose configuration is equal apart from the seed and the settings "
+        "that do not change results: "
+        + ", ".join(f"`{k}`" for k in IGNORED_KEYS)
+        + ". The configuration is the one each summary.json records (that of the command "
+        "that produced the results); for a summary written by an older m2mdc, "
+        "`.hydra/config.yaml`, else the summary's model, dataset, classes, input size, "
+        "experiment and prune ratio (such runs are named under **Provenance**).",
+        f"- **Std**: {STD_NOTE}",
+        f"- **Change vs teacher**: {CHANGE_NOTE} GMacs: 1e9 multiply-accumulates of "
+        "convolutions and linear layers for one image at the group's input size; ConvGMacs: "
+        "convolutions only.",
+        "- **Pareto** ★: not dominated in (higher accuracy, lower GMacs) within its "
+        "architecture, dataset and input size.",
+        "- **Verified**: every summary.json, prune/plan.json and distill/metrics.json read "
+        "here matched the sha256 its run's manifest.json records, except the runs marked "
+        "**unverified** (nothing to check them against); a changed file stops the report.",
+    ]
+
+
+def _provenance(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """Loud lines for unverified runs and for runs grouped by an older record."""
+    runs = [r for g in groups for r in g["runs"]]
+    bad = [r for r in runs if r["unverified"]]
+    old = [r for r in runs if r["config_source"] != "summary"]
+    if not bad and not old:
+        return []
+    out = ["## Provenance", ""]
+    if bad:
+        out += [f"**Warning: {_n(len(bad), 'run')} UNVERIFIED** (included, not checked):", ""]
+        out += [f"- `{r['dir']}`: {'; '.join(r['unverified'])}" for r in bad] + [""]
+    if old:
+        out += [f"**Warning: {_n(len(old), 'run')} grouped without a recorded configuration:**"]
+        out += ["", *(f"- `{r['dir']}`: {CONFIG_SOURCES[r['config_source']]}" for r in old), ""]
+    return out
+
+
+def _paper_md(g: dict[str, Any]) -> list[str]:
+    """The "Beside the paper" section, with what differs from the paper's run; or one line
+    saying why the paper's values are not shown (another dataset)."""
+    p = g["paper"]
+    if p is None:
+        return []
+    if not p["shown"]:
+        return [f"The paper's values are not shown: {p['why']}.", ""]
+    out = [f"### Beside the paper ({p['tables']}, {g['model']})", ""]
+    if p["differs"]:
+        out += ["**Not the paper's configuration.** This group differs from the paper's run in:"]
+        out += ["", *(f"- {d}" for d in p["differs"]), ""]
+    else:
+        out += ["**The paper's configuration**: dataset, model, blocks removed and slicing.", ""]
+    if p["unchecked"]:
+        out += ["Cannot be checked:", "", *(f"- {d}" for d in p["unchecked"]), ""]
+    out += [
+        f"Paper: {p['paper_used']}. Ours: {p['ours_used']}. Δ = ours − paper. "
+        f"ᵖ: the paper's population std (ddof=0); the next line recomputes its "
+        f"sample std from its per-seed values. {p['mac_column']} is compared with "
+        f"our {p['mac_key']}.",
+        "",
+    ]
+    for t in paper_tables(p):
+        out += _md(*t)
+    return out
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    marks = [f"**unverified** ({'; '.join(r['unverified'])})"] if r["unverified"] else []
+    where = {"hydra": ".hydra/config.yaml", "fields": "summary fields"}.get(r["config_source"])
+    marks += [f"grouped by {where}"] if where else []
+    return f"- seed {r['seed']}: `{r['dir']}`" + (f": {', '.join(marks)}" if marks else "")
+
+
+def _group_md(g: dict[str, Any]) -> list[str]:
+    n_bad = sum(bool(r["unverified"]) for r in g["runs"])
+    return [
+        f"## {g['id']}: {g['label']}",
+        "",
+        f"{g['dataset']} · {g['num_classes']} classes · input "
+        f"{g['input_size']}x{g['input_size']} · seeds "
+        + ", ".join(str(s) for s in g["seeds"])
+        + f" ({_n(len(g['runs']), 'run')}"
+        + (f", **{n_bad} unverified**)" if n_bad else ")"),
+        "",
+        *_duplicate_seed_note(g["seeds"]),
+        "### Top-1 per seed (%)",
+        "",
+        *_md(*seed_table(g)),
+        "### Compute and parameters (means over seeds)",
+        "",
+        *_md(*compute_table(g)),
+        *_paper_md(g),
+        "<details><summary>runs</summary>",
+        "",
+        *map(_run_line, g["runs"]),
+        "",
+        "</details>",
+        "",
+    ]
+
+
 def to_markdown(
     groups: Sequence[dict[str, Any]], sources: Sequence[str], plots: dict[str, str]
 ) -> str:
-    """The whole report.md: notes, plots, then per group the per-seed/compute/paper tables."""
+    """The whole report.md: notes, provenance warnings, plots, then per group the
+    per-seed/compute/paper tables."""
     n_runs = sum(len(g["runs"]) for g in groups)
     out = [
         "# m2mdc report",
@@ -545,64 +649,13 @@ def to_markdown(
         + ", ".join(f"`{s}`" for s in sources)
         + ".",
         "",
-        "- **Groups**: runs whose composed configuration is equal apart from the seed and the "
-        "settings that do not change results: "
-        + ", ".join(f"`{k}`" for k in IGNORED_KEYS)
-        + ". Runs without `.hydra/config.yaml` are grouped by their summary's model, dataset, "
-        "classes, input size, experiment and prune ratio.",
-        f"- **Std**: {STD_NOTE}",
-        "- **Reductions** vs the teacher are computed from the mean params/MACs over seeds of "
-        "each row (negative = smaller). GMacs: 1e9 multiply-accumulates of convolutions and "
-        "linear layers for one image at the group's input size; ConvGMacs: convolutions only.",
-        "- **Pareto** ★: not dominated in (higher accuracy, lower GMacs) within its "
-        "architecture, dataset and input size.",
+        *_notes(),
         "",
+        *_provenance(groups),
     ]
     out += [f"![{k}]({v})" for k, v in plots.items()] + [""]
     for g in groups:
-        out += [
-            f"## {g['id']}: {g['label']}",
-            "",
-            f"{g['dataset']} · {g['num_classes']} classes · input "
-            f"{g['input_size']}x{g['input_size']} · seeds "
-            + ", ".join(str(s) for s in g["seeds"])
-            + f" ({_n(len(g['runs']), 'run')})",
-            "",
-            *_duplicate_seed_note(g["seeds"]),
-            "### Top-1 per seed (%)",
-            "",
-            *_md(*seed_table(g)),
-            "### Compute and parameters (means over seeds)",
-            "",
-            *_md(*compute_table(g)),
-        ]
-        p = g["paper"]
-        if p is not None:
-            out += [
-                f"### Beside the paper ({p['tables']}, {g['model']})",
-                "",
-                f"Paper: {p['paper_used']}. Ours: {p['ours_used']}. Δ = ours − paper. "
-                f"ᵖ: the paper's population std (ddof=0); the next line recomputes its "
-                f"sample std from its per-seed values. {p['mac_column']} is compared with "
-                f"our {p['mac_key']}.",
-                "",
-            ]
-            if not p["compute_comparable"]:
-                out += [
-                    "Params and MACs are **not comparable** here: the class count or the "
-                    "input size differs from what the paper's columns match.",
-                    "",
-                ]
-            for t in paper_tables(p):
-                out += _md(*t)
-        out += [
-            "<details><summary>runs</summary>",
-            "",
-            *(f"- seed {r['seed']}: `{r['dir']}`" for r in g["runs"]),
-            "",
-            "</details>",
-            "",
-        ]
+        out += _group_md(g)
     return "\n".join(out)
 
 
@@ -631,6 +684,7 @@ def write_report(
             "sources": list(sources),
             "ignored_keys": list(IGNORED_KEYS),
             "std": STD_NOTE,
+            "change_vs_teacher": CHANGE_NOTE,
             "plots": plots,
             "paper": PAPER,
             "groups": groups,
@@ -639,5 +693,6 @@ def write_report(
     for g in groups:
         console.print(table(f"{g['id']}: {g['label']} (top-1 %)", *seed_table(g)))
         console.print(table(f"{g['id']}: compute (means over seeds)", *compute_table(g)))
+    console.print(f"change vs teacher: {CHANGE_NOTE}")
     files = [f"{name}.md", f"{name}.csv", f"{name}.json", *plots.values()]
     console.print(f"report: {_n(len(groups), 'group')} -> {out}/ ({', '.join(files)})")
