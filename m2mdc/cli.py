@@ -8,21 +8,24 @@ line on stderr and exit code 2, and nothing is created on disk.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from m2mdc import __version__
-from m2mdc.errors import M2MError
+from m2mdc.errors import M2MError, error_line
 
-# command -> one-line description, in pipeline order; `report` is not a Hydra command.
+# command -> one-line description, in pipeline order; `report` is not a Hydra command. The
+# {fields} are filled from the default configuration (see _usage).
 COMMANDS: dict[str, str] = {
     "run": "run every stage in order (teacher .. slice, profile) and write summary.json",
-    "finetune-teacher": "fine-tune the teacher: new classifier, last third unfrozen, Adam, clip",
+    "finetune-teacher": "train the teacher ({teacher}), Adam, gradient clipping",
     "score": "rank blocks by label mutual information of pooled activations (probe set)",
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
     "distill": "staged KD repair of the pruned student against the teacher",
-    "slice": "progressive residual-safe channel slicing (planes, mid) with KD repair",
+    "slice": "residual-safe channel slicing (planes, mid) with KD repair, {schedule} schedule",
     "compare": "fair baselines: compare=teacher_same_epochs and/or torch_pruning (peer)",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
     "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
@@ -55,18 +58,42 @@ def conf_dir() -> Path:
     return Path(str(importlib.resources.files("m2mdc.conf")))
 
 
+def _default_facts() -> dict[str, str]:
+    """What the help states about the defaults, read from the composed default config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from m2mdc.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config")
+    GlobalHydra.instance().clear()
+    start = "ImageNet weights, new classifier" if cfg.model.pretrained else "from scratch"
+    trained = "last third unfrozen" if cfg.teacher.unfreeze == "last_third" else "all layers"
+    return {
+        "teacher": f"{start}, {trained}",
+        "schedule": str(cfg.slice.schedule),
+        "experiment": str(cfg.experiment_name),
+        "dataset": str(cfg.dataset.name),
+    }
+
+
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
+    facts = _default_facts()
     lines = [
         f"m2mdc {__version__}: MI-guided block pruning, residual-safe slicing and staged KD",
         "",
         "usage: m2mdc <command> [key=value ...] [hydra flags: -m, --cfg job, --help, ...]",
         "",
         "commands:",
-        *(f"  {c.ljust(width)}  {d}" for c, d in COMMANDS.items()),
+        *(f"  {c.ljust(width)}  {d.format(**facts)}" for c, d in COMMANDS.items()),
         "",
         "examples:",
-        "  m2mdc run                                   # the quickstart experiment on digits",
+        f"  m2mdc run                                   # the {facts['experiment']} experiment "
+        f"on {facts['dataset']}",
         "  m2mdc run model=resnet18 prune.ratio=0.4",
         "  m2mdc run -m seed=42,99,123 prune.ratio=0.1,0.25",
         "  m2mdc profile model=resnet18 dataset=fake profile.input_size=32",
@@ -154,6 +181,8 @@ def check_writable(key: str, directory: str) -> None:
     ancestor = p
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
+    if ancestor == p and not p.is_dir():
+        raise M2MError(f"{key}={directory}: {p} exists and is not a directory")
     if not ancestor.is_dir():
         raise M2MError(f"{key}={directory}: cannot create it, {ancestor} is not a directory")
     try:
@@ -163,20 +192,50 @@ def check_writable(key: str, directory: str) -> None:
         raise M2MError(f"{key}={directory}: not writable ({exc.strerror or exc})") from None
 
 
+def grammar_error(line: str, message: str) -> str:
+    """One line for an override Hydra cannot parse; when its lexer stops at a character that
+    quoting allows (non-ASCII letters, ``#``, ``~``, ...), the quoted form to type."""
+    lines = message.splitlines() or [""]
+    lexer = "LexerNoViableAltException: "
+    if lines[0].startswith(lexer) and len(lines) > 1 and "^" in lines[1]:
+        pos = lines[1].index("^") - len(lexer)
+        key, eq, value = line.partition("=")
+        char = line[pos] if 0 <= pos < len(line) else "?"
+        if not eq or pos < len(key):
+            return f"{line}: Hydra cannot read {char!r} in a setting name"
+        msg = f"{line}: Hydra cannot read {char!r} in an unquoted value; quote the value"
+        if "'" in value or '"' in value:
+            return msg + ' (key="...", with \\" for a quote inside)'
+        return msg + f""", e.g. '{key}="{value}"'"""
+    detail = next((ln for ln in lines if not ln.startswith(("Error parsing", "See http"))), "")
+    detail = re.sub(r" expecting \{.*\}$", "", detail or lines[0])
+    return f"{line}: not a valid override ({detail})"
+
+
+def _parse_overrides(overrides: list[str]) -> list[Any]:
+    """Hydra's parse of each override; a grammar error names the override that caused it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:
+        try:
+            parsed += parser.parse_overrides([line])
+        except Exception as exc:  # OverrideParseException and the lexer's own errors
+            raise M2MError(grammar_error(line, str(exc))) from None
+    return parsed
+
+
 def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
     """Compose and validate every job a (possibly sweeping) override list describes."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from m2mdc.config import register_configs, validate
 
     register_configs()
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # grammar errors: Hydra's message is already one clear line
-        raise M2MError(str(exc).splitlines()[0]) from None
+    parsed = _parse_overrides(overrides)
     # Hydra's own keys (hydra.run.dir, hydra/launcher=...) are validated by Hydra itself.
     user = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
     jobs = BasicSweeper.split_arguments(user, max_batch_size=None)[0] if user else [[]]
@@ -185,9 +244,11 @@ def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
         base = compose("config")
         for job in jobs:
             try:
-                validate(compose("config", overrides=list(job)))
+                cfg = compose("config", overrides=list(job))
+                validate(cfg)
             except Exception as exc:
                 raise M2MError(explain(exc, base)) from None
+            check_writable("cache_dir", str(cfg.cache_dir))
         own = [o.input_line for o in parsed if o not in user and o.input_line]
         try:
             hcfg = compose("config", overrides=[*jobs[0], *own], return_hydra_config=True).hydra
@@ -224,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(f in _INFO_FLAGS for f in flags):
             _compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
     except M2MError as exc:
-        print(f"m2mdc: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return exc.exit_code
     from m2mdc.pipeline import hydra_main
 

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from m2mdc.errors import M2MError
+from m2mdc.structure import check_model_parts
 
 MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
@@ -378,7 +379,13 @@ def _validate_select(cfg: DictConfig) -> None:
         )
 
 
-EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms, _validate_select]
+# check_model_parts (m2mdc.structure) last: it may build the model's structure (with torch)
+EXTRA_VALIDATORS: list[Any] = [
+    _validate_slice_keeps,
+    _validate_kd_terms,
+    _validate_select,
+    check_model_parts,
+]
 
 
 def comparisons(cfg: DictConfig) -> list[str]:

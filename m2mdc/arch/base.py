@@ -340,9 +340,10 @@ class AdapterBase:
             stage_refs = [(r, m) for r, m in zip(refs, modules, strict=True) if r.stage == stage]
             for ref, _ in stage_refs:
                 if ref.protected and ref.orig_index not in wanted:
+                    label = self._orig_label(stage, ref.orig_index)
+                    block = ref.name if label == ref.name else f"{ref.name} ({label})"
                     raise M2MError(
-                        f"{where}: {ref.name} ({self._orig_label(stage, ref.orig_index)}) is a "
-                        "protected transition block and cannot be removed"
+                        f"{where}: {block} is a protected transition block and cannot be removed"
                     )
             new_keep[stage] = list(wanted)
             kept[stage] = [m for r, m in stage_refs if r.orig_index in wanted]

@@ -21,6 +21,7 @@ from m2mdc.arch import get_adapter
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import atomic_write_json, load_checkpoint
 from m2mdc.profiling import count_macs, count_params, measure_latencies
+from m2mdc.pruning import parse_keep_cfg
 from m2mdc.rows import finished_models
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.ui import console, table
@@ -112,7 +113,7 @@ def run(ctx: Context) -> dict[str, Any]:
         base = create_model(cfg.model.name, classes).to(ctx.device)
         models[cfg.model.name] = base
         if cfg.prune.keep_cfg:
-            keep = {str(k): [int(i) for i in v] for k, v in cfg.prune.keep_cfg.items()}
+            keep = parse_keep_cfg(cfg.prune.keep_cfg)
             models["keep_cfg"] = get_adapter(cfg.model.name).keep(base, keep)
     rows = {}
     with torch.inference_mode():

@@ -96,7 +96,7 @@ def test_keep_everything_and_slice_everything_change_no_output(teachers, name):
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
-        ({"layer2": [1]}, r"layer2\.0 \(layer2\.0\) is a protected transition block"),
+        ({"layer2": [1]}, r"keep_cfg: layer2\.0 is a protected transition block"),
         ({"layer1": []}, r"stage layer1 would be empty"),
         ({"layer3": [0, 5]}, r"layer3\.5 does not exist; valid layer3 indices: 0, 1"),
         ({"layer5": [0]}, r"unknown stage 'layer5'; stages: layer1, layer2, layer3, layer4"),
