@@ -16,6 +16,7 @@ from typing import Any
 
 from m2mdc import __version__
 from m2mdc.errors import M2MError, error_line
+from m2mdc.hydra_args import conf_dir, split_overrides
 
 # command -> one-line description, in pipeline order; `report` is not a Hydra command. The
 # {fields} are filled from the default configuration (see _usage).
@@ -32,30 +33,7 @@ COMMANDS: dict[str, str] = {
     "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
 }
 
-# Hydra flags that take a value (so the value is not mistaken for an override).
-_FLAGS_WITH_VALUE = {
-    "--cfg",
-    "-c",
-    "--package",
-    "-p",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
-    "--experimental-rerun",
-    "--shell-completion",
-    "-sc",
-}
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion"}
-
-
-def conf_dir() -> Path:
-    """The config tree: conf/ beside the package in a checkout, m2mdc.conf when installed."""
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("m2mdc.conf")))
 
 
 def _default_facts() -> dict[str, str]:
@@ -100,23 +78,6 @@ def _usage() -> str:
         "  m2mdc <command> --help                      # the composed config and its groups",
     ]
     return "\n".join(lines)
-
-
-def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate ``key=value`` overrides from Hydra's own flags (and their values)."""
-    overrides: list[str] = []
-    flags: list[str] = []
-    it = iter(args)
-    for a in it:
-        if a.startswith("-"):
-            flags.append(a)
-            if a in _FLAGS_WITH_VALUE:
-                nxt = next(it, None)
-                if nxt is not None:
-                    flags.append(nxt)
-        else:
-            overrides.append(a)
-    return overrides, flags
 
 
 def _schema_keys(cfg: object, path: str) -> list[str]:
@@ -249,6 +210,10 @@ def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
             except Exception as exc:
                 raise M2MError(explain(exc, base)) from None
             check_writable("cache_dir", str(cfg.cache_dir))
+            if cfg.dataset.name == "imagefolder":  # classes and splits, before anything runs
+                from m2mdc.data.datasets import check_tree
+
+                check_tree(cfg.dataset)
         own = [o.input_line for o in parsed if o not in user and o.input_line]
         try:
             hcfg = compose("config", overrides=[*jobs[0], *own], return_hydra_config=True).hydra

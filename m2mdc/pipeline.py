@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig
 from m2mdc import __version__, cache, rundir
 from m2mdc.artifacts import atomic_write_json, read_json
 from m2mdc.config import to_plain, validate
-from m2mdc.errors import M2MError
+from m2mdc.errors import M2MError, error_line
 from m2mdc.manifest import record_stage
 from m2mdc.rows import STUDENT_ROWS
 from m2mdc.rundir import get_path, set_path
@@ -257,7 +257,7 @@ def _task(cfg: DictConfig) -> Any:
         validate(cfg)
         result = run_command(cfg.command, cfg, run_dir, list(hydra_cfg.overrides.task))
     except M2MError as exc:
-        print(f"m2mdc: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     return objective(result, hydra_cfg.sweeper)
 
@@ -266,14 +266,12 @@ def hydra_main(command: str, args: Sequence[str]) -> int:
     """Run ``command`` through Hydra with ``args`` (overrides and Hydra flags) as its argv."""
     import hydra
 
-    from m2mdc.cli import conf_dir
     from m2mdc.config import register_configs
+    from m2mdc.hydra_args import conf_dir, split_overrides
 
     register_configs()
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)
     argv = sys.argv
-    from m2mdc.cli import split_overrides
-
     overrides, flags = split_overrides(args)
     # overrides before flags: `--cfg job` must stay followed by its value
     sys.argv = ["m2mdc", *overrides, f"command={command}", *flags]

@@ -24,8 +24,8 @@ def compose_cfg():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from m2mdc.cli import conf_dir
     from m2mdc.config import register_configs
+    from m2mdc.hydra_args import conf_dir
 
     register_configs()
 
