@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from m2mdc.arch.adapters import get_adapter
 from m2mdc.errors import M2MError
 
 __all__ = ["create_model", "fetch_state_dict", "hub_checkpoint_path", "load_state_dict_strict"]
@@ -46,8 +47,6 @@ def create_model(
             file at), unreadable weights file, or a file that does not fit the model (naming the
             first mismatching key/shape).
     """
-    from m2mdc.arch import get_adapter
-
     adapter = get_adapter(name)
     if weights_path is not None:
         state = _read_state_dict(weights_path)
