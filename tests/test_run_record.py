@@ -57,9 +57,8 @@ def test_a_later_command_does_not_rewrite_the_config_of_record(ratio_run):
     assert record["prune"]["ratio"] == 0.5
     assert summary["config"]["prune"]["ratio"] == 0.5 and summary["prune_ratio"] == 0.5
     assert summary["config"]["profile"]["latency"] is False  # not a setting of any result
-    assert yaml.safe_load((ratio_run / ".hydra" / "overrides.yaml").read_text())[-1] == (
-        "profile.latency=false"
-    )
+    overrides = yaml.safe_load((ratio_run / ".hydra" / "overrides.yaml").read_text())
+    assert overrides[-2:] == ["profile.latency=false", "command=profile"]  # the last command
 
 
 def test_a_second_command_on_a_run_dir_in_use_is_refused(ratio_run):
