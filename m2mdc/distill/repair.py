@@ -130,13 +130,14 @@ def kd_repair(
     val: Batches | None = None,
     select: str = "last",
     lr_schedule: str = "constant",
+    lr_key: str | None = None,
 ) -> FitResult:
     """Train ``student`` against ``teacher`` for ``epochs`` epochs; history logs every term and
     its weight per epoch (``alpha``/``beta`` for the paper's two alignment terms).
 
     ``perf`` (the ``perf`` config section, :mod:`m2mdc.train.perf`) applies to both networks'
-    forward passes; None = plain float32. ``val`` and ``select`` (model selection) and
-    ``lr_schedule``: see :func:`m2mdc.train.loop.fit`."""
+    forward passes; None = plain float32. ``val`` and ``select`` (model selection),
+    ``lr_schedule`` and ``lr_key``: see :func:`m2mdc.train.loop.fit`."""
     adapter = get_adapter(student)
     teacher.eval()
     for p in teacher.parameters():
@@ -204,6 +205,7 @@ def kd_repair(
         val=val,
         select=select,
         lr_schedule=lr_schedule,
+        lr_key=lr_key,
     )
     for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
         tap.remove()

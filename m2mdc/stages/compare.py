@@ -79,6 +79,7 @@ def run(ctx: Context) -> dict[str, Any]:
         val=ctx.val_batches(),
         select=str(cfg.select),
         lr_schedule=str(cfg.teacher.lr_schedule),
+        lr_key="teacher.lr",
     )
     for p in model.parameters():
         p.requires_grad_(True)
@@ -158,6 +159,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         val=ctx.val_batches(),
         select=str(cfg.select),
         lr_schedule=str(cfg.kd.lr_schedule),
+        lr_key="kd.lr",
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else top1_recal

@@ -52,6 +52,7 @@ def run(ctx: Context) -> dict[str, Any]:
         val=ctx.val_batches(),
         select=str(cfg.select),
         lr_schedule=str(kd.lr_schedule),
+        lr_key="kd.lr",
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else start

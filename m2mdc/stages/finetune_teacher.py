@@ -88,6 +88,7 @@ def run(ctx: Context) -> dict[str, Any]:
         val=ctx.val_batches(),
         select=str(cfg.select),
         lr_schedule=str(cfg.teacher.lr_schedule),
+        lr_key="teacher.lr",
     )
     for p in model.parameters():
         p.requires_grad_(True)

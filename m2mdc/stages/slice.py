@@ -181,6 +181,7 @@ def run(ctx: Context) -> dict[str, Any]:
             val=ctx.val_batches(),
             select=str(cfg.select),
             lr_schedule=str(cfg.kd.lr_schedule),
+            lr_key="kd.lr",
         )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
         selected = result.selected_row()

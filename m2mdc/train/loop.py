@@ -39,6 +39,11 @@ LossFn = Callable[
 
 LOG_EVERY = 20  # steps between host synchronisations for the progress display
 
+DIVERGE_FACTOR = 1e3
+"""A batch loss over this multiple of the reference (:class:`DivergenceGuard`) is divergence."""
+REFERENCE_BATCHES = 20
+"""The reference is the mean loss of this many first batches of a training."""
+
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     """The learning-rate multiplier after ``t`` optimizer steps of ``total_steps``.
@@ -185,6 +190,64 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+class DivergenceGuard:
+    """Flags the first batch whose loss is non-finite or over ``DIVERGE_FACTOR`` times the
+    reference: the mean loss of the first ``REFERENCE_BATCHES`` positive batch losses of the
+    training (while it forms, the mean of those seen so far; the first batch is only checked for
+    being finite). A ratio is scale-free: any loss function, any sum of weighted KD terms. A
+    healthy training's losses fall from where they start, so its batches stay far below 1000x
+    the start (on digits and CIFAR the largest batch loss of a run is its first), while a
+    learning rate that throws the weights out of range multiplies the loss by 1e5 to 1e9 within
+    a step or two. Zero losses (every term's ramped weight still 0) do not count, so the
+    reference is taken once the objective is on. Everything stays on the device: the host reads
+    the flag only at the loop's synchronisation points.
+    """
+
+    def __init__(self, device: torch.device, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.ref_sum = state.get("ref_sum", zero).to(device)
+        self.ref_n = state.get("ref_n", zero).to(device)
+        self.step = torch.full((), -1, device=device, dtype=torch.long)
+        self.loss = zero.clone()
+        self.ref = zero.clone()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The reference so far, saved with the training state (a resumed run keeps it)."""
+        return {"ref_sum": self.ref_sum, "ref_n": self.ref_n}
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        """Check one batch's (detached) loss, then count it into the reference if still open."""
+        d = loss.double()
+        finite = torch.isfinite(d)
+        ref = self.ref_sum / self.ref_n.clamp(min=1)
+        bad = ~finite | ((self.ref_n > 0) & (d > DIVERGE_FACTOR * ref))
+        first = bad & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, d, self.loss)
+        self.ref = torch.where(first, ref, self.ref)
+        take = (self.ref_n < REFERENCE_BATCHES) & finite & (d > 0) & ~bad
+        self.ref_sum = self.ref_sum + torch.where(take, d, 0.0)
+        self.ref_n = self.ref_n + take.double()
+
+    def check(self, desc: str, epoch: int, kept: str, advice: str) -> None:
+        """Raise the one-line M2MError if a batch since the guard was made went bad.
+
+        ``kept``: what resumable state is on disk; ``advice``: what to try.
+        """
+        step = int(self.step)  # the host synchronisation
+        if step < 0:
+            return
+        loss, ref = float(self.loss), float(self.ref)
+        what = (
+            f"non-finite loss at epoch {epoch}, batch {step} ({loss})"
+            if not math.isfinite(loss)
+            else f"diverged at epoch {epoch}, batch {step}: loss {loss:.4g} is over "
+            f"{DIVERGE_FACTOR:g}x the mean of the first batches ({ref:.4g})"
+        )
+        raise M2MError(f"{desc}: {what}; stopped, {kept}; {advice}")
+
+
 def _rng_state() -> dict[str, Any]:
     """RNG states as plain tensors and tuples (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
@@ -225,6 +288,7 @@ def fit(
     val: Batches | None = None,
     select: str = "last",
     lr_schedule: str = "constant",
+    lr_key: str | None = None,
 ) -> FitResult:
     """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
 
@@ -256,12 +320,15 @@ def fit(
             this fit's ``epochs``, see :func:`lr_factor`; each epoch's row then records the
             ``lr`` its last step used). A cosine state is resumed only by a fit of the same
             length: its schedule depends on it.
+        lr_key: the setting ``lr`` came from (e.g. ``teacher.lr``), named in the divergence
+            error.
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
 
     Raises:
-        M2MError: a non-finite loss (naming the epoch and batch; the last good state stays).
+        M2MError: a non-finite or diverging loss (:class:`DivergenceGuard`), naming the epoch,
+            the batch, the loss, its reference, the state kept on disk and what to try.
         Interrupted: after SIGINT/SIGTERM, once the state is saved.
     """
     if select not in ("last", "best_val"):
@@ -287,6 +354,8 @@ def fit(
     schedule_id = {"name": lr_schedule, "total_steps": total_steps} if sched else None
     start, start_step = 1, 0
     partial: dict[str, Any] | None = None
+    guard_state: dict[str, Any] | None = None
+    kept = "no state of this training was saved yet"
     if state_path.is_file():
         state = safe_torch_load(state_path)
         usable = isinstance(state, dict) and state.get("fingerprint") == fingerprint
@@ -317,13 +386,22 @@ def fit(
             result.history = list(state["history"])
             start, start_step = int(state["epoch"]), int(state.get("step", 0))
             partial = state.get("partial")
+            guard_state = state.get("guard")
             if partial is None:
                 start += 1  # the saved epoch was complete
             result.resumed_from = start - 1
             where = f"epoch {start}, batch {start_step}" if partial else f"epoch {start - 1}"
             log.info(f"{desc}: resuming after {where} from {state_path}")
+            kept = f"the last good state (after {where}) is {state_path}"
+    guard = DivergenceGuard(device, guard_state)
+    advice = (
+        f"try a lower {lr_key} (it is {lr:g}; e.g. {lr_key}={lr / 10:g}) or check the data"
+        if lr_key
+        else f"try a lower learning rate (it is {lr:g}) or check the data"
+    )
 
     def save(epoch: int, step: int = 0, sums: dict[str, Any] | None = None) -> None:
+        nonlocal kept
         # After the last epoch nothing is left to train: the optimizer state (twice the model
         # for Adam) is left out, which makes the final save about 3x smaller and faster.
         final = epoch == epochs and sums is None
@@ -341,10 +419,13 @@ def fit(
                 "scheduler": sched.state_dict() if sched is not None and not final else None,
                 "history": result.history,
                 "best": best,
+                "guard": guard.state(),
                 "rng": _rng_state(),
             },
             state_path,
         )
+        where = f"epoch {epoch}, batch {step}" if sums is not None else f"epoch {epoch}"
+        kept = f"the last good state (after {where}) is {state_path}"
 
     t0 = time.perf_counter()
     with progress() as bar, StopFlag() as stop:
@@ -365,7 +446,6 @@ def fit(
                 k: v.to(device) for k, v in partial_of.get("totals", {}).items()
             }
             seen = int(partial_of.get("seen", 0))
-            bad_step = torch.full((), -1, device=device, dtype=torch.long)
             batches = train.epoch(epoch + epoch_offset, start_batch=first)
             for step, (x, y) in enumerate(batches, start=first):
                 with perf_mod.autocast(pf, device):
@@ -389,19 +469,14 @@ def fit(
                 seen += bs
                 d = loss.detach()
                 # device-side bookkeeping: no host synchronisation per step
-                bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), step, bad_step)
+                guard.observe(step, d)
                 loss_sum = loss_sum + d.double() * bs
                 correct = correct + (logits.detach().argmax(1) == y).sum()
                 for k, v in terms.items():
                     totals[k] = totals.get(k, zero) + v.detach().double() * bs
                 last = step + 1 == len(train)
                 if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
-                    if int(bad_step) >= 0:
-                        raise M2MError(
-                            f"{desc}: non-finite loss at epoch {epoch}, batch {int(bad_step)}; "
-                            f"stopped, the last good state is in {state_path.parent} "
-                            "(lower the learning rate or check the data)"
-                        )
+                    guard.check(desc, epoch, kept, advice)
                     bar.update(
                         batch_task,
                         completed=step + 1,
