@@ -35,7 +35,7 @@ from m2mdc.distill.repair import kd_repair
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_params
 from m2mdc.train.loop import ce_loss, evaluate, fit, recalibrate_bn
-from m2mdc.ui import log
+from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
 PEER = peers.NAME
@@ -58,8 +58,8 @@ def run(ctx: Context) -> dict[str, Any]:
     start = read_json(ctx.run_dir / "teacher" / "metrics.json")
     trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
     log.info(
-        f"{NAME}: the teacher trained on for {epochs} more epochs (the students' "
-        f"{budget['distill']} KD + {budget['slice_repairs']} slicing-repair epochs), "
+        f"{NAME}: the teacher trained on for {plural(epochs, 'more epoch')} (the students' "
+        f"{budget['distill']} KD + {plural(budget['slice_repairs'], 'slicing-repair epoch')}), "
         f"{trainable:,} trainable parameters"
     )
     result = fit(
@@ -97,7 +97,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)})
-    log.info(f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {epochs} epochs")
+    log.info(
+        f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {plural(epochs, 'epoch')}"
+    )
     return metrics
 
 
@@ -138,7 +140,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
     log.info(
         f"{PEER}: uniform ratio {ratio:.4f} ({cfg.peer.importance}) gives {macs:,} MACs "
         f"(inner_slice: {int(target['macs']):,}); top1 {top1_pruned:.2f}% -> {top1_recal:.2f}% "
-        f"after BN recalibration; training {budget['total']} epochs"
+        f"after BN recalibration; training {plural(budget['total'], 'epoch')}"
     )
     terms = terms_from_config(cfg.peer)
     result = kd_repair(
@@ -184,7 +186,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, peer, metrics, {"stage": PEER, "top1": final, "ratio": ratio})
-    log.info(f"{PEER}: test top1 {final:.2f}% after {budget['total']} epochs")
+    log.info(f"{PEER}: test top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
     return metrics
 
 

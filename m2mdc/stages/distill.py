@@ -13,7 +13,7 @@ from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.pipeline import Context, Stage, register_stage
-from m2mdc.ui import log
+from m2mdc.ui import log, plural
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -67,7 +67,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, student.cpu(), metrics, {"stage": "distill", "top1": final})
-    log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {int(kd.epochs)} KD epochs")
+    after = plural(int(kd.epochs), "KD epoch")
+    log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {after}")
     return metrics
 
 
