@@ -34,7 +34,7 @@ from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.pipeline import Context, Stage, register_stage
 from m2mdc.profiling import count_params
-from m2mdc.train.loop import ce_loss, evaluate, fit, recalibrate_bn
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, recalibrate_bn
 from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
@@ -67,19 +67,17 @@ def run(ctx: Context) -> dict[str, Any]:
         model.parameters(),
         ctx.train_batches(),
         ctx.test_batches(),
-        epochs=epochs,
-        lr=cfg.teacher.lr,
-        grad_clip=cfg.teacher.grad_clip,
+        TrainSpec.of(
+            cfg,
+            "teacher",
+            epochs=epochs,
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint(NAME),
+            desc=NAME,
+            epoch_offset=len(start.get("epochs", [])),
+        ),
         loss_fn=ce_loss,
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint(NAME),
-        desc=NAME,
-        perf=cfg.perf,
-        epoch_offset=len(start.get("epochs", [])),
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.teacher.lr_schedule),
-        lr_key="teacher.lr",
     )
     for p in model.parameters():
         p.requires_grad_(True)
@@ -148,20 +146,18 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         teacher,
         ctx.train_batches(),
         test,
+        TrainSpec.of(
+            cfg,
+            "kd",
+            epochs=budget["total"],
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint(PEER),
+            desc=PEER,
+        ),
         terms=terms,
-        epochs=budget["total"],
-        lr=float(cfg.kd.lr),
-        grad_clip=float(cfg.kd.grad_clip),
         temperature=float(cfg.peer.temperature),
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint(PEER),
-        desc=PEER,
         feature_match="projection",  # only used if peer.terms reads features: no kept map
-        perf=cfg.perf,
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.kd.lr_schedule),
-        lr_key="kd.lr",
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else top1_recal

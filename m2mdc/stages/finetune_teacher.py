@@ -22,7 +22,7 @@ from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.errors import M2MError
 from m2mdc.pipeline import Context, Stage, register_stage
-from m2mdc.train.loop import ce_loss, evaluate, fit
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit
 from m2mdc.ui import log, plural
 
 
@@ -124,18 +124,16 @@ def run(ctx: Context) -> dict[str, Any]:
         model.parameters(),
         ctx.train_batches(),
         test,
-        epochs=epochs,
-        lr=cfg.teacher.lr,
-        grad_clip=cfg.teacher.grad_clip,
+        TrainSpec.of(
+            cfg,
+            "teacher",
+            epochs=epochs,
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint("teacher"),
+            desc="teacher",
+        ),
         loss_fn=ce_loss,
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint("teacher"),
-        desc="teacher",
-        perf=cfg.perf,
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.teacher.lr_schedule),
-        lr_key="teacher.lr",
     )
     for p in model.parameters():
         p.requires_grad_(True)
