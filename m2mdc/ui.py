@@ -38,6 +38,11 @@ def progress() -> Progress:
     )
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``0 epochs``: a count with its noun (regular plurals)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def fmt(value: Any, column: str = "") -> str:
     """Human-readable cell: counts in M, percentages with one decimal."""
     if isinstance(value, int | float) and not isinstance(value, bool):

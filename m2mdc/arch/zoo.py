@@ -21,7 +21,13 @@ from torch import nn
 from m2mdc.arch.adapters import get_adapter
 from m2mdc.errors import M2MError
 
-__all__ = ["create_model", "fetch_state_dict", "hub_checkpoint_path", "load_state_dict_strict"]
+__all__ = [
+    "create_model",
+    "create_model_and_head",
+    "fetch_state_dict",
+    "hub_checkpoint_path",
+    "load_state_dict_strict",
+]
 
 
 def create_model(
@@ -47,15 +53,28 @@ def create_model(
             file at), unreadable weights file, or a file that does not fit the model (naming the
             first mismatching key/shape).
     """
+    return create_model_and_head(name, num_classes, pretrained, weights_path)[0]
+
+
+def create_model_and_head(
+    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
+) -> tuple[nn.Module, int | None]:
+    """:func:`create_model`, and the class count of the weights' head when a fresh, untrained
+    classifier replaced it (None: fresh weights, or the weights' head already fits)."""
     adapter = get_adapter(name)
     if weights_path is not None:
         state = _read_state_dict(weights_path)
-        return adapter.create(name, num_classes, state, source=str(weights_path))
-    if pretrained:
+        model = adapter.create(name, num_classes, state, source=str(weights_path))
+    elif pretrained:
         enum = adapter.imagenet_weights(name)
         state = fetch_state_dict(name, enum)
-        return adapter.create(name, num_classes, state, source=str(enum.url))
-    return adapter.create(name, num_classes)
+        model = adapter.create(name, num_classes, state, source=str(enum.url))
+    else:
+        return adapter.create(name, num_classes), None
+    head = adapter.classifier(model)
+    key = next(n for n, m in model.named_modules() if m is head)
+    classes = int(state[f"{key}.weight"].shape[0])  # create() checked every tensor's shape
+    return model, None if classes == num_classes else classes
 
 
 def hub_checkpoint_path(url: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from m2mdc.distill.losses import (
     term_weights,
 )
 from m2mdc.train import perf as perf_mod
-from m2mdc.train.loop import FitResult, fit
+from m2mdc.train.loop import FitResult, TrainSpec, fit
 
 
 class FeatureAligner(nn.Module):
@@ -115,28 +114,22 @@ def kd_repair(
     teacher: nn.Module,
     train: Batches,
     test: Batches,
+    spec: TrainSpec | None = None,
     *,
     terms: list[Term],
-    epochs: int,
-    lr: float,
-    grad_clip: float,
     temperature: float,
-    state_path: Path,
-    fingerprint: str,
-    desc: str,
     feature_index: Sequence[int] | None = None,
     feature_match: str = "kept_channels",
-    perf: Any = None,
     val: Batches | None = None,
-    select: str = "last",
-    lr_schedule: str = "constant",
+    **fields: Any,
 ) -> FitResult:
-    """Train ``student`` against ``teacher`` for ``epochs`` epochs; history logs every term and
-    its weight per epoch (``alpha``/``beta`` for the paper's two alignment terms).
+    """Train ``student`` against ``teacher`` as ``spec`` says (or its fields as keywords, see
+    :func:`m2mdc.train.loop.fit`); history logs every term and its weight per epoch
+    (``alpha``/``beta`` for the paper's two alignment terms).
 
-    ``perf`` (the ``perf`` config section, :mod:`m2mdc.train.perf`) applies to both networks'
-    forward passes; None = plain float32. ``val`` and ``select`` (model selection) and
-    ``lr_schedule``: see :func:`m2mdc.train.loop.fit`."""
+    ``spec.perf`` (:mod:`m2mdc.train.perf`) applies to both networks' forward passes."""
+    spec = TrainSpec.given(spec, fields)
+    epochs, perf = spec.epochs, spec.perf
     adapter = get_adapter(student)
     teacher.eval()
     for p in teacher.parameters():
@@ -191,19 +184,11 @@ def kd_repair(
         params,
         train,
         test,
-        epochs=epochs,
-        lr=lr,
-        grad_clip=grad_clip,
+        spec,
         loss_fn=loss_fn,
-        state_path=state_path,
-        fingerprint=fingerprint,
-        desc=desc,
+        val=val,
         epoch_info=epoch_info,
         extra_state=aligner,
-        perf=perf,
-        val=val,
-        select=select,
-        lr_schedule=lr_schedule,
     )
     for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
         tap.remove()

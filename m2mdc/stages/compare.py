@@ -34,8 +34,8 @@ from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.profiling import count_params
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import ce_loss, evaluate, fit, recalibrate_bn
-from m2mdc.ui import log
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, recalibrate_bn
+from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
 PEER = peers.NAME
@@ -58,8 +58,8 @@ def run(ctx: Context) -> dict[str, Any]:
     start = read_json(ctx.run_dir / "teacher" / "metrics.json")
     trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
     log.info(
-        f"{NAME}: the teacher trained on for {epochs} more epochs (the students' "
-        f"{budget['distill']} KD + {budget['slice_repairs']} slicing-repair epochs), "
+        f"{NAME}: the teacher trained on for {plural(epochs, 'more epoch')} (the students' "
+        f"{budget['distill']} KD + {plural(budget['slice_repairs'], 'slicing-repair epoch')}), "
         f"{trainable:,} trainable parameters"
     )
     result = fit(
@@ -67,18 +67,17 @@ def run(ctx: Context) -> dict[str, Any]:
         model.parameters(),
         ctx.train_batches(),
         ctx.test_batches(),
-        epochs=epochs,
-        lr=cfg.teacher.lr,
-        grad_clip=cfg.teacher.grad_clip,
+        TrainSpec.of(
+            cfg,
+            "teacher",
+            epochs=epochs,
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint(NAME),
+            desc=NAME,
+            epoch_offset=len(start.get("epochs", [])),
+        ),
         loss_fn=ce_loss,
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint(NAME),
-        desc=NAME,
-        perf=cfg.perf,
-        epoch_offset=len(start.get("epochs", [])),
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.teacher.lr_schedule),
     )
     for p in model.parameters():
         p.requires_grad_(True)
@@ -96,7 +95,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)})
-    log.info(f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {epochs} epochs")
+    log.info(
+        f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {plural(epochs, 'epoch')}"
+    )
     return metrics
 
 
@@ -137,7 +138,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
     log.info(
         f"{PEER}: uniform ratio {ratio:.4f} ({cfg.peer.importance}) gives {macs:,} MACs "
         f"(inner_slice: {int(target['macs']):,}); top1 {top1_pruned:.2f}% -> {top1_recal:.2f}% "
-        f"after BN recalibration; training {budget['total']} epochs"
+        f"after BN recalibration; training {plural(budget['total'], 'epoch')}"
     )
     terms = terms_from_config(cfg.peer)
     result = kd_repair(
@@ -145,19 +146,18 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         teacher,
         ctx.train_batches(),
         test,
+        TrainSpec.of(
+            cfg,
+            "kd",
+            epochs=budget["total"],
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint(PEER),
+            desc=PEER,
+        ),
         terms=terms,
-        epochs=budget["total"],
-        lr=float(cfg.kd.lr),
-        grad_clip=float(cfg.kd.grad_clip),
         temperature=float(cfg.peer.temperature),
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint(PEER),
-        desc=PEER,
         feature_match="projection",  # only used if peer.terms reads features: no kept map
-        perf=cfg.perf,
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.kd.lr_schedule),
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else top1_recal
@@ -182,7 +182,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, peer, metrics, {"stage": PEER, "top1": final, "ratio": ratio})
-    log.info(f"{PEER}: test top1 {final:.2f}% after {budget['total']} epochs")
+    log.info(f"{PEER}: test top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
     return metrics
 
 

@@ -13,7 +13,8 @@ from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.ui import log
+from m2mdc.train.loop import TrainSpec
+from m2mdc.ui import log, plural
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -39,19 +40,18 @@ def run(ctx: Context) -> dict[str, Any]:
         teacher,
         train,
         ctx.test_batches(),
+        TrainSpec.of(
+            cfg,
+            "kd",
+            epochs=int(kd.epochs),
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint("distill"),
+            desc="distill",
+        ),
         terms=terms,
-        epochs=int(kd.epochs),
-        lr=float(kd.lr),
-        grad_clip=float(kd.grad_clip),
         temperature=float(kd.temperature),
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint("distill"),
-        desc="distill",
         feature_match=str(kd.feature_match),
-        perf=cfg.perf,
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(kd.lr_schedule),
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else start
@@ -66,7 +66,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, student.cpu(), metrics, {"stage": "distill", "top1": final})
-    log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {int(kd.epochs)} KD epochs")
+    after = plural(int(kd.epochs), "KD epoch")
+    log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {after}")
     return metrics
 
 

@@ -4,57 +4,101 @@ ImageNet-pretrained torchvision model (or from scratch, or a local state_dict), 
 replaced for the dataset's classes, the last third of the backbone unfrozen (ResNet: layer3,
 layer4, fc; MobileNetV2: features[13:] and the classifier, i.e. the last 6 of its 19 feature
 modules), Adam at ``teacher.lr``, gradient clipping at ``teacher.grad_clip``.
+
+``teacher.checkpoint``: an m2mdc checkpoint, or a plain state_dict whose head has the dataset's
+classes, is the finished teacher (0 epochs). A state_dict with another head (e.g. ImageNet's
+1000 classes) gets a new head, trained for ``teacher.epochs``. A new head (or random weights)
+with ``teacher.epochs=0`` is refused: the teacher would be an untrained classifier.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from m2mdc.arch.zoo import apply_unfreeze, create_model
+from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
+from m2mdc.errors import M2MError
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import ce_loss, evaluate, fit
-from m2mdc.ui import log
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit
+from m2mdc.ui import log, plural
 
 
-def initial_teacher(ctx: Context) -> tuple[nn.Module, str]:
+@dataclass(frozen=True)
+class Initial:
+    """The teacher before fine-tuning."""
+
+    model: nn.Module
+    source: str  # where its weights came from (logged and recorded)
+    setting: str  # the setting that chose them, as a user writes it
+    finished: bool = False  # a teacher.checkpoint with a fitting head: used as it is
+    new_head: int | None = None  # the weights' head class count when an untrained one replaced it
+    fresh: bool = False  # random initial weights
+
+
+def initial_teacher(ctx: Context) -> Initial:
     """The teacher before fine-tuning, and where it came from."""
     cfg = ctx.cfg
     if cfg.teacher.checkpoint:
-        path = cfg.teacher.checkpoint
+        path = str(cfg.teacher.checkpoint)
+        setting = f"teacher.checkpoint={path}"
         obj = safe_torch_load(path)
         if isinstance(obj, dict) and "arch" in obj:
             model, _ = load_checkpoint(
                 path, expect_model=cfg.model.name, expect_classes=ctx.num_classes
             )
-        else:  # a plain torchvision state_dict
-            model = create_model(cfg.model.name, ctx.num_classes, weights_path=path)
-        return model, f"teacher.checkpoint={path}"
-    model = create_model(
+            return Initial(model, setting, setting, finished=True)
+        # a plain torchvision state_dict: used as it is if its head fits the dataset
+        model, head = create_model_and_head(cfg.model.name, ctx.num_classes, weights_path=path)
+        return Initial(model, setting, setting, finished=head is None, new_head=head)
+    model, head = create_model_and_head(
         cfg.model.name,
         ctx.num_classes,
         pretrained=cfg.model.pretrained,
         weights_path=cfg.model.weights,
     )
-    source = (
-        "ImageNet weights"
-        if cfg.model.pretrained
-        else f"model.weights={cfg.model.weights}"
-        if cfg.model.weights
-        else "random init"
-    )
-    return model, source
+    if cfg.model.weights:  # takes precedence over model.pretrained
+        source = setting = f"model.weights={cfg.model.weights}"
+    elif cfg.model.pretrained:
+        source, setting = "ImageNet weights", "model.pretrained=true"
+    else:
+        source, setting = "random init", "model.pretrained=false"
+    return Initial(model, source, setting, new_head=head, fresh=source == "random init")
+
+
+def check_trained(start: Initial, epochs: int, num_classes: int) -> None:
+    """Refuse a teacher that would be an untrained classifier: a replaced head (or random
+    weights) and ``teacher.epochs=0``."""
+    if epochs > 0 or start.finished:
+        return
+    if start.new_head is not None:
+        raise M2MError(
+            f"{start.setting}: the head in these weights has {start.new_head} classes but the "
+            f"dataset has {num_classes}, so it is replaced by an untrained {num_classes}-class "
+            "head, and teacher.epochs=0 would distil from it; set teacher.epochs > 0 (e.g. "
+            f"teacher.epochs=5) to train the new head, or give weights with a {num_classes}-class "
+            "head"
+        )
+    if start.fresh:
+        raise M2MError(
+            "teacher.epochs=0 with random initial weights (model.pretrained=false, no "
+            "model.weights or teacher.checkpoint) would distil from an untrained teacher; set "
+            "teacher.epochs > 0, or start from model.pretrained=true, model.weights=PATH or "
+            "teacher.checkpoint=PATH"
+        )
 
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
+    start = initial_teacher(ctx)
+    epochs = 0 if start.finished else int(cfg.teacher.epochs)
+    check_trained(start, epochs, ctx.num_classes)  # before anything is written
+    model, source = start.model, start.source
     out = ctx.stage_dir("teacher")
-    model, source = initial_teacher(ctx)
     model.to(ctx.device)
     test = ctx.test_batches()
-    epochs = 0 if cfg.teacher.checkpoint else int(cfg.teacher.epochs)
     if (
         cfg.teacher.unfreeze == "last_third"
         and not cfg.model.pretrained
@@ -67,27 +111,29 @@ def run(ctx: Context) -> dict[str, Any]:
             "two thirds of the network random; teacher.unfreeze=all is usual from scratch"
         )
     trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
-    log.info(
-        f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters, "
-        f"{epochs} epochs"
+    head = (
+        f"; its {start.new_head}-class head was replaced by a new {ctx.num_classes}-class one, "
+        f"trained for {plural(epochs, 'epoch')}"
+        if start.new_head is not None
+        else f", {plural(epochs, 'epoch')}"
     )
+    log.info(f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters{head}")
 
     result = fit(
         model,
         model.parameters(),
         ctx.train_batches(),
         test,
-        epochs=epochs,
-        lr=cfg.teacher.lr,
-        grad_clip=cfg.teacher.grad_clip,
+        TrainSpec.of(
+            cfg,
+            "teacher",
+            epochs=epochs,
+            state_path=out / "state.pt",
+            fingerprint=ctx.fingerprint("teacher"),
+            desc="teacher",
+        ),
         loss_fn=ce_loss,
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint("teacher"),
-        desc="teacher",
-        perf=cfg.perf,
         val=ctx.val_batches(),
-        select=str(cfg.select),
-        lr_schedule=str(cfg.teacher.lr_schedule),
     )
     for p in model.parameters():
         p.requires_grad_(True)

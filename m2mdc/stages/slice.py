@@ -25,7 +25,7 @@ from m2mdc.scoring.activations import collect_pooled
 from m2mdc.scoring.channels import SELECTORS, round_keep, select_channels
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
-from m2mdc.train.loop import evaluate, recalibrate_bn
+from m2mdc.train.loop import TrainSpec, evaluate, recalibrate_bn
 from m2mdc.ui import log
 
 POLICIES = {
@@ -167,20 +167,19 @@ def run(ctx: Context) -> dict[str, Any]:
             teacher,
             kd_train,
             test,
+            TrainSpec.of(
+                cfg,
+                "kd",
+                epochs=int(sc.repair_epochs) * len(cut),
+                state_path=out / f"state-{n}.pt",
+                fingerprint=f"{fp}-{n}",
+                desc=f"slice {stage}",
+            ),
             terms=terms,
-            epochs=int(sc.repair_epochs) * len(cut),
-            lr=float(cfg.kd.lr),
-            grad_clip=float(cfg.kd.grad_clip),
             temperature=float(cfg.kd.temperature),
-            state_path=out / f"state-{n}.pt",
-            fingerprint=f"{fp}-{n}",
-            desc=f"slice {stage}",
             feature_index=feat_index,
             feature_match=str(cfg.kd.feature_match),
-            perf=cfg.perf,
             val=ctx.val_batches(),
-            select=str(cfg.select),
-            lr_schedule=str(cfg.kd.lr_schedule),
         )
         (out / f"state-{n}.pt").unlink(missing_ok=True)
         selected = result.selected_row()

@@ -27,7 +27,7 @@ from torch import nn
 from m2mdc.artifacts import safe_torch_load, torch_save_atomic
 from m2mdc.config import LR_SCHEDULES
 from m2mdc.data.loader import Batches
-from m2mdc.errors import M2MError
+from m2mdc.errors import Interrupted, M2MError, signal_description
 from m2mdc.train import perf as perf_mod
 from m2mdc.ui import log, progress
 
@@ -38,6 +38,11 @@ LossFn = Callable[
 """(model, x, y, epoch) -> (loss, logits, named loss terms to log); epochs count from 1."""
 
 LOG_EVERY = 20  # steps between host synchronisations for the progress display
+
+DIVERGE_FACTOR = 1e3
+"""A batch loss over this multiple of the reference (:class:`DivergenceGuard`) is divergence."""
+REFERENCE_BATCHES = 20
+"""The reference is the mean loss of this many first batches of a training."""
 
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
@@ -156,12 +161,6 @@ class FitResult:
         }
 
 
-class Interrupted(M2MError):
-    """SIGINT/SIGTERM during training: the state was saved; rerunning resumes."""
-
-    exit_code = 130
-
-
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the training loop checks after every batch."""
 
@@ -185,6 +184,65 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+class DivergenceGuard:
+    """Flags the first batch whose loss is non-finite or over ``DIVERGE_FACTOR`` times the
+    reference: the mean loss of the first ``REFERENCE_BATCHES`` positive batch losses of the
+    training (while it forms, the mean of those seen so far; the first batch is only checked for
+    being finite). A ratio is scale-free: any loss function, any sum of weighted KD terms. A
+    healthy training's losses fall from where they start, so its batches stay far below 1000x
+    the start (in every training of the quickstart run, teacher, distill and slice repair, no
+    batch loss exceeds the first), while a learning rate that throws the weights out of range
+    multiplies the loss by 1e5 to 1e9 within a step or two (``teacher.lr=1e3``: 2.4, then
+    4e8). Zero losses (every term's ramped weight still 0) do not count, so the
+    reference is taken once the objective is on. Everything stays on the device: the host reads
+    the flag only at the loop's synchronisation points.
+    """
+
+    def __init__(self, device: torch.device, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.ref_sum = state.get("ref_sum", zero).to(device)
+        self.ref_n = state.get("ref_n", zero).to(device)
+        self.step = torch.full((), -1, device=device, dtype=torch.long)
+        self.loss = zero.clone()
+        self.ref = zero.clone()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The reference so far, saved with the training state (a resumed run keeps it)."""
+        return {"ref_sum": self.ref_sum, "ref_n": self.ref_n}
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        """Check one batch's (detached) loss, then count it into the reference if still open."""
+        d = loss.double()
+        finite = torch.isfinite(d)
+        ref = self.ref_sum / self.ref_n.clamp(min=1)
+        bad = ~finite | ((self.ref_n > 0) & (d > DIVERGE_FACTOR * ref))
+        first = bad & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, d, self.loss)
+        self.ref = torch.where(first, ref, self.ref)
+        take = (self.ref_n < REFERENCE_BATCHES) & finite & (d > 0) & ~bad
+        self.ref_sum = self.ref_sum + torch.where(take, d, 0.0)
+        self.ref_n = self.ref_n + take.double()
+
+    def check(self, desc: str, epoch: int, kept: str, advice: str) -> None:
+        """Raise the one-line M2MError if a batch since the guard was made went bad.
+
+        ``kept``: what resumable state is on disk; ``advice``: what to try.
+        """
+        step = int(self.step)  # the host synchronisation
+        if step < 0:
+            return
+        loss, ref = float(self.loss), float(self.ref)
+        what = (
+            f"non-finite loss at epoch {epoch}, batch {step} ({loss})"
+            if not math.isfinite(loss)
+            else f"diverged at epoch {epoch}, batch {step}: loss {loss:.4g} is over "
+            f"{DIVERGE_FACTOR:g}x the mean of the first batches ({ref:.4g})"
+        )
+        raise M2MError(f"{desc}: {what}; stopped, {kept}; {advice}")
+
+
 def _rng_state() -> dict[str, Any]:
     """RNG states as plain tensors and tuples (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
@@ -205,28 +263,88 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         random.setstate((version, tuple(internal), gauss_next))
 
 
+@dataclass(frozen=True)
+class TrainSpec:
+    """How one training runs, besides the model, its data and its loss: built once per
+    training section (the teacher's, a KD repair's) by the stage that runs it, see :meth:`of`.
+
+    Attributes:
+        epochs: epochs to train.
+        lr: Adam's learning rate.
+        grad_clip: the gradient-norm clip (0: none).
+        state_path: the resumable state; removed by the caller once the stage's outputs are
+            saved.
+        fingerprint: the stage's configuration hash; a state from another configuration is
+            ignored rather than resumed.
+        desc: the training's name in progress bars, logs and errors (``teacher``, ...).
+        lr_schedule: ``constant`` (``lr`` throughout) or ``cosine`` (decayed per step over
+            ``epochs``, see :func:`lr_factor`; each epoch's row then records the ``lr`` its
+            last step used). A cosine state is resumed only by a training of the same length:
+            its schedule depends on it.
+        select: ``last`` keeps the last epoch's weights; ``best_val`` returns the model with
+            the weights of the epoch with the highest validation top1 (the earliest on ties).
+            The test split is evaluated every epoch for reporting only, never for selection.
+        perf: the ``perf`` config section (:mod:`m2mdc.train.perf`): channels_last inputs and
+            weights, autocast around the loss (with a gradient scaler for fp16), and a compiled
+            model handed to the loss. None = plain float32.
+        epoch_offset: epoch ``e`` draws the batch order and flips of data epoch
+            ``e + epoch_offset`` (training that continues an earlier one sees new shuffles).
+        lr_key: the setting ``lr`` came from (e.g. ``teacher.lr``), named in the divergence
+            error.
+    """
+
+    epochs: int
+    lr: float
+    grad_clip: float
+    state_path: Path
+    fingerprint: str
+    desc: str
+    lr_schedule: str = "constant"
+    select: str = "last"
+    perf: Any = None
+    epoch_offset: int = 0
+    lr_key: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Any, section: str, **fields: Any) -> TrainSpec:
+        """The spec of config section ``section`` (``teacher``, ``kd``): its ``lr``,
+        ``grad_clip`` and ``lr_schedule``, the run's ``select`` and ``perf``; ``fields`` gives
+        the rest (``epochs``, ``state_path``, ``fingerprint``, ``desc``, ...)."""
+        sec = cfg[section]
+        return cls(
+            lr=float(sec.lr),
+            grad_clip=float(sec.grad_clip),
+            lr_schedule=str(sec.lr_schedule),
+            select=str(cfg.select),
+            perf=cfg.perf,
+            lr_key=f"{section}.lr",
+            **fields,
+        )
+
+    @staticmethod
+    def given(spec: TrainSpec | None, fields: dict[str, Any]) -> TrainSpec:
+        """``spec``, or one made of ``fields`` (the keyword form of :func:`fit`)."""
+        if spec is None:
+            return TrainSpec(**fields)
+        if fields:
+            raise TypeError(f"give a TrainSpec or its fields, not both: {', '.join(fields)}")
+        return spec
+
+
 def fit(
     model: nn.Module,
     params: Iterable[nn.Parameter],
     train: Batches,
     test: Batches,
+    spec: TrainSpec | None = None,
     *,
-    epochs: int,
-    lr: float,
-    grad_clip: float,
     loss_fn: LossFn,
-    state_path: Path,
-    fingerprint: str,
-    desc: str,
+    val: Batches | None = None,
     epoch_info: Callable[[int], dict[str, Any]] | None = None,
     extra_state: nn.Module | None = None,
-    perf: Any = None,
-    epoch_offset: int = 0,
-    val: Batches | None = None,
-    select: str = "last",
-    lr_schedule: str = "constant",
+    **fields: Any,
 ) -> FitResult:
-    """Train ``model`` with Adam for ``epochs`` epochs, resuming from ``state_path`` if present.
+    """Train ``model`` with Adam as ``spec`` says, resuming from its state file if present.
 
     The state (model, optimizer, epoch, batch position, running sums, history, RNG states) is
     saved atomically after every epoch (after the last one without the optimizer, which has
@@ -236,239 +354,309 @@ def fit(
 
     Args:
         params: the trainable parameters (frozen ones are simply left out).
+        spec: see :class:`TrainSpec`; or, instead, its fields as keywords (``fields``).
         loss_fn: see :data:`LossFn`.
-        state_path: resumable state; removed by the caller once the stage's outputs are saved.
-        fingerprint: the stage's configuration hash; a state from another configuration is
-            ignored rather than resumed.
+        val: validation batches, evaluated after every epoch (``val_top1``, ``val_loss``).
         epoch_info: extra values to log per epoch (e.g. KD weights).
         extra_state: another trained module whose weights belong in the state (e.g. a
             feature projection).
-        perf: the ``perf`` config section (:mod:`m2mdc.train.perf`): channels_last inputs and
-            weights, autocast around ``loss_fn`` (with a gradient scaler for fp16), and a
-            compiled ``model`` handed to ``loss_fn``. None = plain float32, as before.
-        epoch_offset: epoch ``e`` draws the batch order and flips of data epoch
-            ``e + epoch_offset`` (training that continues an earlier one sees new shuffles).
-        val: validation batches, evaluated after every epoch (``val_top1``, ``val_loss``).
-        select: ``last`` keeps the last epoch's weights; ``best_val`` returns the model with
-            the weights of the epoch with the highest validation top1 (the earliest on ties).
-            The test split is evaluated every epoch for reporting only, never for selection.
-        lr_schedule: ``constant`` (``lr`` throughout) or ``cosine`` (decayed per step over
-            this fit's ``epochs``, see :func:`lr_factor`; each epoch's row then records the
-            ``lr`` its last step used). A cosine state is resumed only by a fit of the same
-            length: its schedule depends on it.
 
     Returns:
         Per-epoch history: train loss and top1, logged loss terms, test top1 and loss.
 
     Raises:
-        M2MError: a non-finite loss (naming the epoch and batch; the last good state stays).
+        M2MError: a non-finite or diverging loss (:class:`DivergenceGuard`), naming the epoch,
+            the batch, the loss, its reference, the state kept on disk and what to try.
         Interrupted: after SIGINT/SIGTERM, once the state is saved.
     """
-    if select not in ("last", "best_val"):
-        raise ValueError(f"select={select!r}: choose last or best_val")
-    if select == "best_val" and val is None:
+    spec = TrainSpec.given(spec, fields)
+    if spec.select not in ("last", "best_val"):
+        raise ValueError(f"select={spec.select!r}: choose last or best_val")
+    if spec.select == "best_val" and val is None:
         raise M2MError("select=best_val needs a validation split (dataset.val_fraction > 0)")
-    params = [p for p in params if p.requires_grad]
-    result = FitResult()
-    # best_val: the best epoch so far and a CPU copy of its weights (saved with the state)
-    best: dict[str, Any] | None = None
-    device = train.device
-    pf = perf_mod.resolve(perf, device)
-    opt = perf_mod.adam(params, lr, pf)
-    fwd = perf_mod.prepare(model, pf, device)  # what loss_fn calls; train/eval/state: model
-    scaler = perf_mod.grad_scaler(pf, device)
-    total_steps = epochs * len(train)
-    factor = lr_factor(lr_schedule, total_steps)
-    sched = (
-        torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        if lr_schedule != "constant" and total_steps > 0
-        else None
-    )
-    schedule_id = {"name": lr_schedule, "total_steps": total_steps} if sched else None
-    start, start_step = 1, 0
-    partial: dict[str, Any] | None = None
-    if state_path.is_file():
-        state = safe_torch_load(state_path)
-        usable = isinstance(state, dict) and state.get("fingerprint") == fingerprint
-        if usable and state.get("optimizer") is None and int(state["epoch"]) < epochs:
-            # a final state (no optimizer) of a shorter run: nothing to continue from exactly
-            log.info(f"{desc}: {state_path} holds a finished shorter run; starting over")
-            usable = False
-        if (
-            usable
-            and state.get("optimizer") is not None
-            and state.get("lr_schedule") != schedule_id
-        ):
-            # the learning rates it trained with belong to another schedule (or length)
-            log.info(f"{desc}: {state_path} holds a run with another lr schedule; starting over")
-            usable = False
-        if usable:
-            model.load_state_dict(state["model"])
-            if extra_state is not None and state.get("extra") is not None:
-                extra_state.load_state_dict(state["extra"])
-            if state.get("optimizer") is not None:
-                opt.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if sched is not None and state.get("scheduler"):
-                sched.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
-            best = state.get("best")
-            result.history = list(state["history"])
-            start, start_step = int(state["epoch"]), int(state.get("step", 0))
-            partial = state.get("partial")
-            if partial is None:
-                start += 1  # the saved epoch was complete
-            result.resumed_from = start - 1
-            where = f"epoch {start}, batch {start_step}" if partial else f"epoch {start - 1}"
-            log.info(f"{desc}: resuming after {where} from {state_path}")
+    run = _Run(model, params, train, spec, loss_fn, epoch_info, extra_state)
+    t0 = time.perf_counter()
+    with progress() as bar, StopFlag() as stop:
+        ep_task = bar.add_task(spec.desc, total=spec.epochs, completed=run.start - 1, info="")
+        for epoch in range(run.start, spec.epochs + 1):
+            sums = run.train_epoch(epoch, bar, stop)
+            row = run.end_epoch(epoch, sums, test, val)
+            bar.update(ep_task, completed=epoch, info=f"test top1 {row['test_top1']:.2f}%")
+            log.info(
+                f"{spec.desc}: epoch {epoch}/{spec.epochs} train loss {row['train_loss']:.4f} "
+                f"train top1 {row['train_top1']:.2f}% test top1 {row['test_top1']:.2f}%"
+            )
+            if stop.signum is not None and epoch < spec.epochs:
+                raise Interrupted(
+                    f"{spec.desc}: {signal_description(stop.signum)} after epoch {epoch}; state "
+                    f"saved to {spec.state_path}; rerun the same command to resume"
+                )
+    run.result.seconds = time.perf_counter() - t0
+    run.keep_selected()
+    return run.result
 
-    def save(epoch: int, step: int = 0, sums: dict[str, Any] | None = None) -> None:
+
+class _Sums:
+    """An epoch's running sums on the device (no host synchronisation per step); a mid-epoch
+    state saves them as ``partial``."""
+
+    def __init__(self, device: torch.device, partial: dict[str, Any] | None) -> None:
+        partial = partial or {}
+        self.zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.loss_sum = partial.get("loss_sum", self.zero).to(device)
+        self.correct = partial.get("correct", self.zero).to(device)
+        self.totals: dict[str, torch.Tensor] = {
+            k: v.to(device) for k, v in partial.get("totals", {}).items()
+        }
+        self.seen = int(partial.get("seen", 0))
+
+    def add(
+        self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, Any]
+    ) -> None:
+        bs = y.numel()
+        self.seen += bs
+        self.loss_sum = self.loss_sum + loss.double() * bs
+        self.correct = self.correct + (logits.detach().argmax(1) == y).sum()
+        for k, v in terms.items():
+            self.totals[k] = self.totals.get(k, self.zero) + v.detach().double() * bs
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "totals": self.totals,
+            "seen": self.seen,
+        }
+
+    def progress(self) -> str:
+        return (
+            f"loss {float(self.loss_sum) / self.seen:.4f} "
+            f"acc {100 * float(self.correct) / self.seen:.1f}%"
+        )
+
+    def row(self) -> dict[str, float]:
+        """The epoch's train loss and top1 and every logged term's mean."""
+        row = {
+            "train_loss": float(self.loss_sum) / self.seen,
+            "train_top1": 100.0 * float(self.correct) / self.seen,
+        }
+        row.update({k: float(v) / self.seen for k, v in self.totals.items()})
+        return row
+
+
+class _Run:
+    """One :func:`fit`: the optimizer, the lr schedule, the divergence guard, the history and
+    the best epoch so far, resumed from the state file if it holds this training; its methods
+    are the steps of the loop."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter],
+        train: Batches,
+        spec: TrainSpec,
+        loss_fn: LossFn,
+        epoch_info: Callable[[int], dict[str, Any]] | None,
+        extra: nn.Module | None,
+    ) -> None:
+        self.model, self.train, self.spec, self.extra = model, train, spec, extra
+        self.loss_fn, self.epoch_info = loss_fn, epoch_info
+        self.params = [p for p in params if p.requires_grad]
+        self.result = FitResult()
+        # best_val: the best epoch so far and a CPU copy of its weights (saved with the state)
+        self.best: dict[str, Any] | None = None
+        self.device = train.device
+        self.pf = perf_mod.resolve(spec.perf, self.device)
+        self.opt = perf_mod.adam(self.params, spec.lr, self.pf)
+        self.fwd = perf_mod.prepare(model, self.pf, self.device)  # what loss_fn calls
+        self.scaler = perf_mod.grad_scaler(self.pf, self.device)
+        total_steps = spec.epochs * len(train)
+        self.factor = lr_factor(spec.lr_schedule, total_steps)
+        scheduled = spec.lr_schedule != "constant" and total_steps > 0
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.factor) if scheduled else None
+        self.schedule_id = (
+            {"name": spec.lr_schedule, "total_steps": total_steps} if scheduled else None
+        )
+        self.start, self.start_step = 1, 0
+        self.partial: dict[str, Any] | None = None
+        self.kept = "no state of this training was saved yet"
+        state = self._resumable()
+        if state is not None:
+            self._restore(state)
+        self.guard = DivergenceGuard(self.device, state.get("guard") if state else None)
+        key = spec.lr_key
+        self.advice = (
+            f"try a lower {key} (it is {spec.lr:g}; e.g. {key}={spec.lr / 10:g}) or check the data"
+            if key
+            else f"try a lower learning rate (it is {spec.lr:g}) or check the data"
+        )
+
+    def _resumable(self) -> dict[str, Any] | None:
+        """The state on disk if it holds this training, to continue exactly; else None."""
+        path, desc = self.spec.state_path, self.spec.desc
+        if not path.is_file():
+            return None
+        state = safe_torch_load(path)
+        if not isinstance(state, dict) or state.get("fingerprint") != self.spec.fingerprint:
+            return None
+        running = state.get("optimizer") is not None
+        if not running and int(state["epoch"]) < self.spec.epochs:
+            # a final state (no optimizer) of a shorter run: nothing to continue from exactly
+            log.info(f"{desc}: {path} holds a finished shorter run; starting over")
+            return None
+        if running and state.get("lr_schedule") != self.schedule_id:
+            # the learning rates it trained with belong to another schedule (or length)
+            log.info(f"{desc}: {path} holds a run with another lr schedule; starting over")
+            return None
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.extra is not None and state.get("extra") is not None:
+            self.extra.load_state_dict(state["extra"])
+        if state.get("optimizer") is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.sched is not None and state.get("scheduler"):
+            self.sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.best = state.get("best")
+        self.result.history = list(state["history"])
+        self.start, self.start_step = int(state["epoch"]), int(state.get("step", 0))
+        self.partial = state.get("partial")
+        if self.partial is None:
+            self.start += 1  # the saved epoch was complete
+        self.result.resumed_from = self.start - 1
+        where = (
+            f"epoch {self.start}, batch {self.start_step}"
+            if self.partial
+            else f"epoch {self.start - 1}"
+        )
+        log.info(f"{self.spec.desc}: resuming after {where} from {self.spec.state_path}")
+        self.kept = f"the last good state (after {where}) is {self.spec.state_path}"
+
+    def save(self, epoch: int, step: int = 0, sums: dict[str, Any] | None = None) -> None:
         # After the last epoch nothing is left to train: the optimizer state (twice the model
         # for Adam) is left out, which makes the final save about 3x smaller and faster.
-        final = epoch == epochs and sums is None
+        final = epoch == self.spec.epochs and sums is None
         torch_save_atomic(
             {
-                "fingerprint": fingerprint,
+                "fingerprint": self.spec.fingerprint,
                 "epoch": epoch,
                 "step": step,
                 "partial": sums,
-                "model": model.state_dict(),
-                "extra": extra_state.state_dict() if extra_state is not None else None,
-                "optimizer": None if final else opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None and not final else None,
-                "lr_schedule": schedule_id,
-                "scheduler": sched.state_dict() if sched is not None and not final else None,
-                "history": result.history,
-                "best": best,
+                "model": self.model.state_dict(),
+                "extra": self.extra.state_dict() if self.extra is not None else None,
+                "optimizer": None if final else self.opt.state_dict(),
+                "scaler": None if self.scaler is None or final else self.scaler.state_dict(),
+                "lr_schedule": self.schedule_id,
+                "scheduler": None if self.sched is None or final else self.sched.state_dict(),
+                "history": self.result.history,
+                "best": self.best,
+                "guard": self.guard.state(),
                 "rng": _rng_state(),
             },
-            state_path,
+            self.spec.state_path,
         )
+        where = f"epoch {epoch}, batch {step}" if sums is not None else f"epoch {epoch}"
+        self.kept = f"the last good state (after {where}) is {self.spec.state_path}"
 
-    t0 = time.perf_counter()
-    with progress() as bar, StopFlag() as stop:
-        ep_task = bar.add_task(desc, total=epochs, completed=start - 1, info="")
-        for epoch in range(start, epochs + 1):
-            model.train()
-            if extra_state is not None:
-                extra_state.train()
-            first = start_step if epoch == start else 0
-            batch_task = bar.add_task(
-                f"  epoch {epoch}/{epochs}", total=len(train), completed=first, info=""
-            )
-            zero = torch.zeros((), device=device, dtype=torch.float64)
-            partial_of = partial if (epoch == start and partial) else {}
-            loss_sum = partial_of.get("loss_sum", zero).to(device)
-            correct = partial_of.get("correct", zero).to(device)
-            totals: dict[str, torch.Tensor] = {
-                k: v.to(device) for k, v in partial_of.get("totals", {}).items()
-            }
-            seen = int(partial_of.get("seen", 0))
-            bad_step = torch.full((), -1, device=device, dtype=torch.long)
-            batches = train.epoch(epoch + epoch_offset, start_batch=first)
-            for step, (x, y) in enumerate(batches, start=first):
-                with perf_mod.autocast(pf, device):
-                    loss, logits, terms = loss_fn(fwd, perf_mod.as_input(x, pf), y, epoch)
-                opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                else:  # fp16: scaled backward, clip the unscaled gradients, skip on overflow
-                    scaler.scale(loss).backward()
-                    if grad_clip > 0:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                if sched is not None:
-                    sched.step()
-                bs = y.numel()
-                seen += bs
-                d = loss.detach()
-                # device-side bookkeeping: no host synchronisation per step
-                bad_step = torch.where((~torch.isfinite(d)) & (bad_step < 0), step, bad_step)
-                loss_sum = loss_sum + d.double() * bs
-                correct = correct + (logits.detach().argmax(1) == y).sum()
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, zero) + v.detach().double() * bs
-                last = step + 1 == len(train)
-                if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
-                    if int(bad_step) >= 0:
-                        raise M2MError(
-                            f"{desc}: non-finite loss at epoch {epoch}, batch {int(bad_step)}; "
-                            f"stopped, the last good state is in {state_path.parent} "
-                            "(lower the learning rate or check the data)"
-                        )
-                    bar.update(
-                        batch_task,
-                        completed=step + 1,
-                        info=f"loss {float(loss_sum) / seen:.4f} "
-                        f"acc {100 * float(correct) / seen:.1f}%",
-                    )
-                if stop.signum is not None and not last:
-                    save(
-                        epoch,
-                        step + 1,
-                        {"loss_sum": loss_sum, "correct": correct, "totals": totals, "seen": seen},
-                    )
-                    raise Interrupted(
-                        f"{desc}: stopped by signal {stop.signum} at epoch {epoch}, batch "
-                        f"{step + 1}; state saved to {state_path}; rerun the same command "
-                        "to resume"
-                    )
-            bar.remove_task(batch_task)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": float(loss_sum) / seen,
-                "train_top1": 100.0 * float(correct) / seen,
-            }
-            row.update({k: float(v) / seen for k, v in totals.items()})
-            if sched is not None:  # the rate of the epoch's last step
-                row["lr"] = lr * factor(epoch * len(train) - 1)
-            if epoch_info is not None:
-                row.update(epoch_info(epoch))
-            if val is not None:
-                ev = evaluate(model, val, pf)
-                row["val_top1"], row["val_loss"] = ev["top1"], ev["loss"]
-            ev = evaluate(model, test, pf)
-            row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
-            result.history.append(row)
-            if select == "best_val" and (best is None or row["val_top1"] > best["val_top1"]):
-                best = {
-                    "epoch": epoch,
-                    "val_top1": row["val_top1"],
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "extra": (
-                        None
-                        if extra_state is None
-                        else {
-                            k: v.detach().cpu().clone() for k, v in extra_state.state_dict().items()
-                        }
-                    ),
-                }
-            save(epoch)
-            bar.update(ep_task, completed=epoch, info=f"test top1 {ev['top1']:.2f}%")
-            log.info(
-                f"{desc}: epoch {epoch}/{epochs} train loss {row['train_loss']:.4f} "
-                f"train top1 {row['train_top1']:.2f}% test top1 {ev['top1']:.2f}%"
-            )
-            if stop.signum is not None and epoch < epochs:
-                raise Interrupted(
-                    f"{desc}: stopped by signal {stop.signum} after epoch {epoch}; state saved "
-                    f"to {state_path}; rerun the same command to resume"
+    def train_epoch(self, epoch: int, bar: Any, stop: StopFlag) -> _Sums:
+        """One epoch's steps (from the saved batch when resuming mid-epoch): guarded, shown,
+        and saved and stopped on a signal."""
+        spec, n = self.spec, len(self.train)
+        self.model.train()
+        if self.extra is not None:
+            self.extra.train()
+        first = self.start_step if epoch == self.start else 0
+        task = bar.add_task(f"  epoch {epoch}/{spec.epochs}", total=n, completed=first, info="")
+        sums = _Sums(self.device, self.partial if epoch == self.start else None)
+        batches = self.train.epoch(epoch + spec.epoch_offset, start_batch=first)
+        for step, (x, y) in enumerate(batches, start=first):
+            with perf_mod.autocast(self.pf, self.device):
+                loss, logits, terms = self.loss_fn(
+                    self.fwd, perf_mod.as_input(x, self.pf), y, epoch
                 )
-    result.seconds = time.perf_counter() - t0
-    result.selected = len(result.history)
-    if best is not None and best["epoch"] != result.selected:
-        model.load_state_dict(best["model"])
-        if extra_state is not None and best["extra"] is not None:
-            extra_state.load_state_dict(best["extra"])
+            self._step(loss)
+            self.guard.observe(step, loss.detach())
+            sums.add(loss.detach(), logits, y, terms)
+            last = step + 1 == n
+            if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
+                self.guard.check(spec.desc, epoch, self.kept, self.advice)
+                bar.update(task, completed=step + 1, info=sums.progress())
+            if stop.signum is not None and not last:
+                self.save(epoch, step + 1, sums.state())
+                raise Interrupted(
+                    f"{spec.desc}: {signal_description(stop.signum)} at epoch {epoch}, batch "
+                    f"{step + 1}; state saved to {spec.state_path}; rerun the same command "
+                    "to resume"
+                )
+        bar.remove_task(task)
+        return sums
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """Backward, clip and one optimizer (and schedule) step."""
+        self.opt.zero_grad(set_to_none=True)
+        clip = self.spec.grad_clip
+        if self.scaler is None:
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.opt.step()
+        else:  # fp16: scaled backward, clip the unscaled gradients, skip on overflow
+            self.scaler.scale(loss).backward()
+            if clip > 0:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        if self.sched is not None:
+            self.sched.step()
+
+    def end_epoch(
+        self, epoch: int, sums: _Sums, test: Batches, val: Batches | None
+    ) -> dict[str, Any]:
+        """The epoch's history row (train sums, lr, extra info, val and test), the best epoch
+        so far, and the state saved."""
+        row: dict[str, Any] = {"epoch": epoch, **sums.row()}
+        if self.sched is not None:  # the rate of the epoch's last step
+            row["lr"] = self.spec.lr * self.factor(epoch * len(self.train) - 1)
+        if self.epoch_info is not None:
+            row.update(self.epoch_info(epoch))
+        if val is not None:
+            ev = evaluate(self.model, val, self.pf)
+            row["val_top1"], row["val_loss"] = ev["top1"], ev["loss"]
+        ev = evaluate(self.model, test, self.pf)
+        row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
+        self.result.history.append(row)
+        if self.spec.select == "best_val" and (
+            self.best is None or row["val_top1"] > self.best["val_top1"]
+        ):
+            self.best = {
+                "epoch": epoch,
+                "val_top1": row["val_top1"],
+                "model": _cpu_copy(self.model),
+                "extra": None if self.extra is None else _cpu_copy(self.extra),
+            }
+        self.save(epoch)
+        return row
+
+    def keep_selected(self) -> None:
+        """Leave the selected epoch's weights in the model (``best_val``: the best epoch's)."""
+        result, best = self.result, self.best
+        result.selected = len(result.history)
+        if best is None or best["epoch"] == result.selected:
+            return
+        self.model.load_state_dict(best["model"])
+        if self.extra is not None and best["extra"] is not None:
+            self.extra.load_state_dict(best["extra"])
         result.selected = int(best["epoch"])
         log.info(
-            f"{desc}: kept epoch {result.selected} (best validation top1 "
+            f"{self.spec.desc}: kept epoch {result.selected} (best validation top1 "
             f"{best['val_top1']:.2f}%) of {len(result.history)}"
         )
-    return result
+
+
+def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
