@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check m2mdc tests scripts
 	$(BIN)/ruff format --check m2mdc tests scripts
 	$(BIN)/mypy m2mdc
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format m2mdc tests scripts

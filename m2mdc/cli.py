@@ -193,7 +193,8 @@ def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
 
-    from m2mdc.config import register_configs, validate
+    from m2mdc.config import register_configs
+    from m2mdc.structure import validate_all
 
     register_configs()
     parsed = _parse_overrides(overrides)
@@ -206,7 +207,7 @@ def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
         for job in jobs:
             try:
                 cfg = compose("config", overrides=list(job))
-                validate(cfg)
+                validate_all(cfg)
             except Exception as exc:
                 raise M2MError(explain(exc, base)) from None
             check_writable("cache_dir", str(cfg.cache_dir))

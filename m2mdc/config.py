@@ -18,7 +18,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from m2mdc.errors import M2MError
-from m2mdc.structure import check_model_parts
 
 MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
@@ -379,13 +378,8 @@ def _validate_select(cfg: DictConfig) -> None:
         )
 
 
-# check_model_parts (m2mdc.structure) last: it may build the model's structure (with torch)
-EXTRA_VALIDATORS: list[Any] = [
-    _validate_slice_keeps,
-    _validate_kd_terms,
-    _validate_select,
-    check_model_parts,
-]
+# the settings that name model parts are checked one layer up (m2mdc.structure.validate_all)
+EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms, _validate_select]
 
 
 def comparisons(cfg: DictConfig) -> list[str]:

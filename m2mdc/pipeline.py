@@ -21,12 +21,13 @@ from omegaconf import DictConfig, ListConfig
 
 from m2mdc import __version__, cache, rundir
 from m2mdc.artifacts import atomic_write_json, read_json
-from m2mdc.config import to_plain, validate
+from m2mdc.config import to_plain
 from m2mdc.errors import M2MError, error_line
 from m2mdc.manifest import record_stage
 from m2mdc.rows import STUDENT_ROWS
 from m2mdc.rundir import get_path, set_path
 from m2mdc.stage import STAGES, Context, Stage
+from m2mdc.structure import validate_all
 from m2mdc.train.loop import seed_everything
 from m2mdc.ui import log
 
@@ -254,7 +255,7 @@ def _task(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        validate(cfg)
+        validate_all(cfg)
         result = run_command(cfg.command, cfg, run_dir, list(hydra_cfg.overrides.task))
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)

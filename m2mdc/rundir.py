@@ -21,8 +21,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from m2mdc.artifacts import atomic_write_bytes
 from m2mdc.errors import M2MError
+from m2mdc.fileio import atomic_write_bytes
 
 LOCK_FILE = ".m2mdc.lock"
 PID_FILE = ".m2mdc.pid"

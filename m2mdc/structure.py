@@ -119,3 +119,12 @@ def _check_sliced_stage(
         f"{key}.{stage}: {stage} has no mid channels ({', '.join(blocks)}: no expansion conv); "
         f"{listing}"
     )
+
+
+def validate_all(cfg: Any) -> None:
+    """Everything checked before a command runs: the schema's ranges and choices
+    (:func:`m2mdc.config.validate`), then the settings that name model parts."""
+    from m2mdc.config import validate
+
+    validate(cfg)
+    check_model_parts(cfg)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from m2mdc.arch.weights import fetch_state_dict, load_state_dict_strict
 from m2mdc.errors import M2MError
 
 KeepCfg = Mapping[str, Sequence[int]]
@@ -251,8 +252,6 @@ class AdapterBase:
         if weights is None:
             model = self._torchvision(name, num_classes)
         else:
-            from m2mdc.arch.zoo import fetch_state_dict, load_state_dict_strict
-
             state = weights if isinstance(weights, Mapping) else fetch_state_dict(name, weights)
             head = state.get(f"{self.classifier_key}.weight")
             if isinstance(head, torch.Tensor) and head.ndim == 2 and head.shape[0] == num_classes:
