@@ -248,6 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return report_main(rest)
         overrides, flags = split_overrides(rest)
+        modes = [f for f in flags if f in ("-m", "--multirun", "--cfg", "-c", "--info", "-i")]
+        if len(modes) > 1:  # Hydra would raise a ValueError with a traceback
+            raise M2MError(
+                f"{' and '.join(modes)} cannot be combined: -m runs a sweep, --cfg and --info "
+                "print one job's configuration; drop -m to print the first job's"
+            )
         if not any(f in _INFO_FLAGS for f in flags):
             _compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
     except M2MError as exc:

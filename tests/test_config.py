@@ -134,3 +134,12 @@ def test_cifar10_subset_experiment_is_resnet18_from_scratch_on_the_full_subset(c
         32,
         None,
     )
+
+
+def test_multirun_with_cfg_is_one_line(capsys):
+    assert main(["run", "-m", "seed=1,2", "--cfg", "job"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "m2mdc: error: -m and --cfg cannot be combined: -m runs a sweep, --cfg and --info print "
+        "one job's configuration; drop -m to print the first job's"
+    )
