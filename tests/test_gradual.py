@@ -186,3 +186,29 @@ def test_weight_zero_trains_bitwise_like_no_penalty_and_a_weight_shrinks_the_gro
     on = runs["on"][0]
     gamma = [k for k in off if k.startswith("layer4") and ".bn" in k and k.endswith("weight")]
     assert sum(on[k].abs().sum() for k in gamma) < sum(off[k].abs().sum() for k in gamma)
+
+
+def test_the_new_settings_are_fingerprint_neutral_at_their_defaults(compose_cfg, tmp_path):
+    import m2mdc.stages  # noqa: F401  (registers the stages)
+    from m2mdc.stage import Context
+
+    def fingerprints(*overrides):
+        ctx = Context(compose_cfg(*overrides), tmp_path)
+        return {s: ctx.fingerprint(s) for s in ("distill", "slice")}, ctx
+
+    base, ctx = fingerprints()
+    assert "sparsity" not in ctx.stage_config("distill")["kd"]
+    assert "decay" not in ctx.stage_config("slice")["slice"]
+    explicit, _ = fingerprints(
+        "kd.sparsity.weight=0",
+        "kd.sparsity.kind=bn_l1",
+        "kd.sparsity.ramp=none",
+        "slice.decay=cosine",
+    )
+    assert explicit == base
+    on, _ = fingerprints("kd.sparsity.weight=1e-4")
+    assert on["distill"] != base["distill"]
+    # with the penalty on, the settings that pick its groups decide the distilled student too
+    narrower, _ = fingerprints("kd.sparsity.weight=1e-4", "slice.planes_keep=0.3")
+    assert narrower["distill"] != on["distill"]
+    assert fingerprints("slice.schedule=gradual", "slice.decay=linear")[0]["slice"] != base["slice"]
