@@ -28,12 +28,12 @@ from typing import Any
 
 from torch import nn
 
-from m2mdc.arch import SlicePlan, get_adapter
+from m2mdc.arch import get_adapter
 from m2mdc.arch.base import BlockRef
 from m2mdc.errors import M2MError
 from m2mdc.profiling import count_macs
 from m2mdc.pruning import keep_cfg_from_removals, select_removals
-from m2mdc.scoring.channels import round_keep, select_channels
+from m2mdc.slicing import plan_slice
 
 # (planes fraction follows f?, mid fraction follows f?) per shape; the other part stays at 1
 SHAPES: dict[str, tuple[bool, bool]] = {
@@ -96,27 +96,16 @@ def slice_uniform(
     """A copy of ``student`` sliced as :func:`shaped_student` describes (``student`` itself
     when nothing is sliced)."""
     adapter = get_adapter(student)
-    planes: dict[str, list[int]] = {}
-    mids: dict[str, list[int]] = {}
-    for stage in adapter.plane_stages(student, include_first=include_first):
-        if planes_keep < 1:
-            producers = adapter.plane_producers(student, stage)
-            c = producers[0][0].out_channels
-            k = round_keep(c, planes_keep, round_to)
-            if k < c:
-                planes[stage] = select_channels("bn_l1", producers, k)
-        if mid_keep < 1:
-            for b in adapter.blocks(student):
-                prod = adapter.mid_producers(student, b.name) if b.stage == stage else None
-                if prod is None:
-                    continue
-                c = prod[0].out_channels
-                k = round_keep(c, mid_keep, round_to)
-                if k < c:
-                    mids[b.name] = select_channels("bn_l1", [prod], k)
-    if not planes and not mids:
+    plan = plan_slice(
+        student,
+        planes_keep if planes_keep < 1 else None,
+        mid_keep if mid_keep < 1 else None,
+        stages=adapter.plane_stages(student, include_first=include_first),
+        round_to=round_to,
+    )
+    if not plan.planes and not plan.mid:
         return student
-    return adapter.slice(student, SlicePlan(planes=planes, mid=mids))
+    return adapter.slice(student, plan)
 
 
 def search(

@@ -131,6 +131,16 @@ class IGConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """Group-sparsity penalty on the channel groups slicing will rank (m2mdc.distill.sparsity),
+    during distill and the progressive slicing repairs; ``weight=0`` turns it off."""
+
+    weight: float = _f(0.0, ge=0)
+    kind: str = _f("bn_l1", choices=("bn_l1", "group_lasso"))
+    ramp: str = _f("none", choices=("none", "linear"))
+
+
+@dataclass
 class KDConfig:
     name: str = _f("staged_cosine", choices=KD_PRESETS)
     epochs: int = _f(5, ge=0)
@@ -145,6 +155,7 @@ class KDConfig:
     feature_match: str = _f("kept_channels", choices=("kept_channels", "projection"))
     terms: list[KDTermConfig] = field(default_factory=list)
     ig: IGConfig = field(default_factory=IGConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 @dataclass
@@ -157,8 +168,10 @@ class SliceConfig:
     selector: str = _f("bn_l1", choices=("bn_gamma", "l1", "bn_l1", "random", "cmi"))
     include_first_stage: bool = False
     # progressive: one stage per step, each repaired (Algorithm 1); oneshot: every stage cut in
-    # one step from the same model, then the whole repair budget (repair_epochs per stage)
-    schedule: str = _f("progressive", choices=("progressive", "oneshot"))
+    # one step from the same model, then the whole repair budget (repair_epochs per stage);
+    # gradual: oneshot's selection, decayed to zero while repairing, then cut
+    schedule: str = _f("progressive", choices=("progressive", "oneshot", "gradual"))
+    decay: str = _f("cosine", choices=("cosine", "linear"))  # gradual: the factor's shape
 
 
 @dataclass

@@ -72,6 +72,8 @@ NEUTRAL: dict[str, Any] = {
     "select": "last",
     "budget.macs": None,
     "slice.schedule": "progressive",
+    "slice.decay": "cosine",
+    "kd.sparsity": {"weight": 0.0, "kind": "bn_l1", "ramp": "none"},
     "teacher.lr_schedule": "constant",
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size

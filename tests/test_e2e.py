@@ -448,6 +448,35 @@ def test_paper_recipe_slices_progressively_and_the_default_at_once_on_one_budget
     assert {b: v for b, v in step["mid"].items() if b.startswith("layer2")} == first["mid"]
 
 
+def test_gradual_decay_ends_in_oneshot_architecture_and_records_the_cut(quick_run):
+    oneshot = json.loads((quick_run / "slice" / "metrics.json").read_text())
+    oneshot_plan = json.loads((quick_run / "slice" / "plan.json").read_text())
+    run = quick_run.parent / "gradual"  # the same distilled student (teacher from the cache)
+    _ok(
+        run_cli(
+            "run", *TINY, "slice.schedule=gradual", f"hydra.run.dir={run}", cwd=quick_run.parent
+        )
+    )
+    start = json.loads((run / "distill" / "metrics.json").read_text())["top1"]
+    assert start == json.loads((quick_run / "distill" / "metrics.json").read_text())["top1"]
+    m = json.loads((run / "slice" / "metrics.json").read_text())
+    plan = json.loads((run / "slice" / "plan.json").read_text())
+    # the same channels from the same distilled student: same widths, parameters, MACs
+    assert plan["steps"][0]["planes"] == oneshot_plan["steps"][0]["planes"]
+    assert plan["widths"] == oneshot_plan["widths"]
+    assert (m["params"], m["macs"]) == (oneshot["params"], oneshot["macs"])
+    (step,) = m["steps"]
+    assert len(step["repair"]) == len(oneshot["steps"][0]["repair"])  # the same epoch budget
+    assert step["repair"][-1]["decay_factor"] == 0.0
+    # decayed to zero, the physical cut changes nothing
+    assert step["top1_sliced"] == step["top1_decayed"] == step["repair"][-1]["test_top1"]
+    assert m["top1"] == step["top1_recal"] == step["top1_repaired"]  # then BN recalibration
+    keys = {"step", "stage", "top1_before", "top1_sliced", "top1_recal"}
+    assert m["cut"] == [{k: step[k] for k in (*keys, "top1_decayed")}]
+    assert oneshot["cut"] == [{k: oneshot["steps"][0][k] for k in keys}]
+    assert m["cut"][0]["top1_before"] == start == oneshot["cut"][0]["top1_before"]
+
+
 def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick_run, tmp_path):
     pytest.importorskip("torch_pruning")
     run = tmp_path / "run"

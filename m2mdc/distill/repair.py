@@ -6,8 +6,10 @@ and gradient clipping on the weighted KD terms of :mod:`m2mdc.distill.losses`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +25,8 @@ from m2mdc.distill.losses import (
     needs_stages,
     term_weights,
 )
+from m2mdc.distill.sparsity import Sparsity
+from m2mdc.slicing import ChannelDecay
 from m2mdc.train import perf as perf_mod
 from m2mdc.train.loop import FitResult, TrainSpec, fit
 
@@ -109,6 +113,21 @@ class StageTap:
         self._handles = []
 
 
+@dataclass
+class RepairExtras:
+    """Optional additions to a KD repair.
+
+    Attributes:
+        sparsity: a group-sparsity penalty added to the loss (:mod:`m2mdc.distill.sparsity`).
+        decay: soft channel masks advanced once per training step
+            (:class:`m2mdc.slicing.ChannelDecay`); the repair then keeps the last epoch (the
+            only one whose masks are at 0) and compares only the kept penultimate features.
+    """
+
+    sparsity: Sparsity | None = None
+    decay: ChannelDecay | None = None
+
+
 def kd_repair(
     student: nn.Module,
     teacher: nn.Module,
@@ -121,16 +140,26 @@ def kd_repair(
     feature_index: Sequence[int] | None = None,
     feature_match: str = "kept_channels",
     val: Batches | None = None,
+    extras: RepairExtras | None = None,
     **fields: Any,
 ) -> FitResult:
     """Train ``student`` against ``teacher`` as ``spec`` says (or its fields as keywords, see
     :func:`m2mdc.train.loop.fit`); history logs every term and its weight per epoch
     (``alpha``/``beta`` for the paper's two alignment terms).
 
-    ``spec.perf`` (:mod:`m2mdc.train.perf`) applies to both networks' forward passes."""
+    ``spec.perf`` (:mod:`m2mdc.train.perf`) applies to both networks' forward passes.
+    ``extras``: see :class:`RepairExtras`."""
     spec = TrainSpec.given(spec, fields)
-    epochs, perf = spec.epochs, spec.perf
     adapter = get_adapter(student)
+    sparsity, decay = (extras.sparsity, extras.decay) if extras else (None, None)
+    keep = None  # the kept penultimate features while a decay removes some
+    if decay is not None and decay.feature_keep is not None:
+        keep = torch.as_tensor(decay.feature_keep, dtype=torch.long, device=train.device)
+        if feature_index is None:  # the student's channels are the teacher's
+            feature_index = decay.feature_keep
+    if decay is not None:  # the last epoch is the only one at factor 0
+        spec = dataclasses.replace(spec, select="last")
+    epochs, perf = spec.epochs, spec.perf
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -138,6 +167,7 @@ def kd_repair(
     probe = preprocess(test.images[:2], test.image_size)
     with torch.no_grad():
         s_dim = adapter.forward_features(student.eval(), probe)[0].shape[1]
+        s_dim = s_dim if keep is None else keep.numel()
         t_dim = get_adapter(teacher).forward_features(teacher, probe)[0].shape[1]
     mode = feature_match if needs_features(terms) else "none"
     aligner = FeatureAligner(s_dim, t_dim, mode, feature_index).to(train.device)
@@ -153,6 +183,8 @@ def kd_repair(
         # The teacher runs under no_grad, not inference_mode: the KD terms (cosine, KL) save
         # their inputs, the teacher's outputs included, for backward, and inference tensors
         # cannot be saved for backward.
+        if decay is not None:
+            decay.advance()
         if taps is None:
             with torch.no_grad():
                 t_feat, t_logits = t_forward(x)
@@ -170,13 +202,26 @@ def kd_repair(
             s_feat.float(),
             s_logits.float(),
         )
+        if keep is not None:
+            s_feat = s_feat.index_select(1, keep)
         s_al, t_al = aligner(s_feat, t_feat)
         out = KDOutputs(s_logits, t_logits, s_al, t_al, y, temperature, s_stages, t_stages)
         loss, logged = combine(terms, out, epoch, epochs)
+        if sparsity is not None:
+            penalty = sparsity.penalty()
+            logged["sparsity"] = penalty.detach()
+            w = sparsity.weight_at(epoch, epochs)
+            if w:
+                loss = loss + w * penalty
         return loss, s_logits, logged
 
     def epoch_info(epoch: int) -> dict[str, float]:
-        return term_weights(terms, epoch, epochs)
+        info = term_weights(terms, epoch, epochs)
+        if sparsity is not None:
+            info["w_sparsity"] = sparsity.weight_at(epoch, epochs)
+        if decay is not None:
+            info["decay_factor"] = float(decay.factor)
+        return info
 
     params = list(student.parameters()) + list(aligner.parameters())
     result = fit(
@@ -188,7 +233,9 @@ def kd_repair(
         loss_fn=loss_fn,
         val=val,
         epoch_info=epoch_info,
-        extra_state=aligner,
+        extra_state=aligner
+        if decay is None
+        else nn.ModuleDict({"aligner": aligner, "decay": decay}),
     )
     for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
         tap.remove()

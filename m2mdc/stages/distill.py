@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from m2mdc.artifacts import read_json, save_trained
+from m2mdc.config import to_plain
 from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
-from m2mdc.distill.repair import kd_repair
+from m2mdc.distill.repair import RepairExtras, kd_repair
+from m2mdc.distill.sparsity import Sparsity, sparsity_from_config
+from m2mdc.slicing import slice_groups
 from m2mdc.stage import Context, Stage, register_stage
+from m2mdc.stages.slice import slice_fractions, slice_stages
 from m2mdc.train.loop import TrainSpec
 from m2mdc.ui import log, plural
 
@@ -35,6 +41,7 @@ def run(ctx: Context) -> dict[str, Any]:
             data=ctx.data("train"),
             cache_dir=ctx.cache_dir if cfg.use_cache else None,
         )
+    penalty = _sparsity(ctx, student)
     result = kd_repair(
         student,
         teacher,
@@ -52,6 +59,7 @@ def run(ctx: Context) -> dict[str, Any]:
         temperature=float(kd.temperature),
         feature_match=str(kd.feature_match),
         val=ctx.val_batches(),
+        extras=None if penalty is None else RepairExtras(sparsity=penalty),
     )
     selected = result.selected_row()
     final = selected["test_top1"] if selected else start
@@ -71,6 +79,37 @@ def run(ctx: Context) -> dict[str, Any]:
     return metrics
 
 
+def _sparsity(ctx: Context, student: nn.Module) -> Sparsity | None:
+    """``kd.sparsity`` on the channel groups the slice stage will rank (in any of its steps);
+    None while its weight is 0 (then no slicing setting is read)."""
+    if float(ctx.cfg.kd.sparsity.weight) == 0:
+        return None
+    planes_keep, mid_keep = slice_fractions(ctx)
+    groups = slice_groups(
+        student,
+        planes_keep,
+        mid_keep,
+        stages=slice_stages(ctx, student),
+        round_to=int(ctx.cfg.slice.round_to),
+    )
+    return sparsity_from_config(ctx.cfg.kd.sparsity, [g.producers for g in groups])
+
+
+def _slice_groups_config(ctx: Context) -> dict[str, Any] | None:
+    """With ``kd.sparsity`` on, the settings that decide its groups belong in the fingerprint."""
+    if float(ctx.cfg.kd.sparsity.weight) == 0:
+        return None
+    keys = ("name", "planes_keep", "mid_keep", "round_to", "include_first_stage")
+    return {k: to_plain(ctx.cfg.slice[k]) for k in keys}
+
+
 register_stage(
-    Stage(name="distill", command="distill", requires=("prune",), keys=("kd", "select"), run=run)
+    Stage(
+        name="distill",
+        command="distill",
+        requires=("prune",),
+        keys=("kd", "select"),
+        run=run,
+        extra=_slice_groups_config,
+    )
 )

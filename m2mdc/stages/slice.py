@@ -9,24 +9,31 @@ at that step), ``slice/metrics.json`` the accuracy, parameters and MACs after ev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from m2mdc.arch import SlicePlan, get_adapter
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from m2mdc.data.loader import Batches
 from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
-from m2mdc.distill.repair import kd_repair
-from m2mdc.errors import M2MError
+from m2mdc.distill.repair import RepairExtras, kd_repair
+from m2mdc.distill.sparsity import sparsity_from_config
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.scoring.activations import collect_pooled
-from m2mdc.scoring.channels import SELECTORS, round_keep, select_channels
+from m2mdc.scoring.channels import SELECTORS, select_channels
+from m2mdc.slicing import ChannelDecay, Group, SelectFn, head_keep, plan_slice, slice_groups
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
-from m2mdc.train.loop import TrainSpec, evaluate, recalibrate_bn
+from m2mdc.train.loop import FitResult, TrainSpec, evaluate, recalibrate_bn
 from m2mdc.ui import log
+
+# slice/metrics.json "cut": per step, the top1 right before it, right after the physical cut
+# (gradual: also at the end of the decay, just before the cut) and after BN recalibration
+CUT_KEYS = ("step", "stage", "top1_before", "top1_decayed", "top1_sliced", "top1_recal")
 
 POLICIES = {
     "planes_mid": (True, True),
@@ -36,38 +43,169 @@ POLICIES = {
 }
 
 
-def fraction(value: Any, stage: str, key: str) -> float:
-    """A keep fraction: one number for every stage, or a per-stage mapping (missing = 1.0)."""
-    v = value.get(stage, 1.0) if isinstance(value, Mapping) else value
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise M2MError(
-            f"{key} must be a number in (0, 1] or a mapping stage -> number; got {v!r}"
-        ) from None
-    if not 0 < f <= 1:
-        raise M2MError(f"{key}={f} for {stage} is out of range; allowed: > 0 and <= 1")
-    return f
-
-
-def _select(
-    ctx: Context, model: nn.Module, module: nn.Module, producers: list, k: int
-) -> list[int]:
+def _selector(ctx: Context, model: nn.Module) -> SelectFn:
+    """The slice stage's channel choice for one group (probe activations for ``cmi``)."""
     cfg = ctx.cfg.slice
-    pooled = labels = None
-    if SELECTORS.get(cfg.selector).needs_activations:
-        probe = probe_batches(ctx)
-        acts, labels = collect_pooled(model, {"m": module}, probe.epoch(0), probe.num_examples)
-        pooled = acts["m"]
-    return select_channels(
-        cfg.selector,
-        producers,
-        k,
-        pooled=pooled,
-        labels=labels,
-        seed=int(ctx.cfg.seed),
-        bins=int(ctx.cfg.score.bins),
+
+    def select(group: Group) -> list[int]:
+        pooled = labels = None
+        if SELECTORS.get(cfg.selector).needs_activations:
+            probe = probe_batches(ctx)
+            acts, labels = collect_pooled(
+                model, {"m": group.module}, probe.epoch(0), probe.num_examples
+            )
+            pooled = acts["m"]
+        return select_channels(
+            cfg.selector,
+            group.producers,
+            group.keep,
+            pooled=pooled,
+            labels=labels,
+            seed=int(ctx.cfg.seed),
+            bins=int(ctx.cfg.score.bins),
+        )
+
+    return select
+
+
+def slice_fractions(ctx: Context) -> tuple[Any, Any]:
+    """(planes_keep, mid_keep) of the slice stage: None for a kind its policy does not slice;
+    the allocator's fractions (``prune/plan.json``) when ``budget.macs`` is set."""
+    sc = ctx.cfg.slice
+    planes_keep, mid_keep = sc.planes_keep, sc.mid_keep
+    if ctx.cfg.budget.macs is not None:
+        choice = read_json(ctx.run_dir / "prune" / "plan.json")["budget"]["choice"]
+        planes_keep, mid_keep = float(choice["planes_keep"]), float(choice["mid_keep"])
+    do_planes, do_mid = POLICIES[sc.name]
+    return (planes_keep if do_planes else None), (mid_keep if do_mid else None)
+
+
+def slice_stages(ctx: Context, model: nn.Module) -> list[str]:
+    """The stages the slice stage cuts (none when its policy slices nothing)."""
+    sc = ctx.cfg.slice
+    if sc.name == "none":
+        return []
+    return get_adapter(model).plane_stages(model, include_first=bool(sc.include_first_stage))
+
+
+@dataclass
+class _Setup:
+    """What every slicing step of a run shares."""
+
+    ctx: Context
+    teacher: nn.Module
+    train: Batches
+    kd_train: Batches  # the repairs' batches: with the IG overlay when kd.ig.prob > 0
+    test: Batches
+    terms: list
+    fp: str
+    out: Path
+
+
+def _repair(
+    su: _Setup,
+    student: nn.Module,
+    n: int,
+    stage: str,
+    epochs: int,
+    feat_index: list[int],
+    extras: RepairExtras | None,
+) -> FitResult:
+    cfg = su.ctx.cfg
+    result = kd_repair(
+        student,
+        su.teacher,
+        su.kd_train,
+        su.test,
+        TrainSpec.of(
+            cfg,
+            "kd",
+            epochs=epochs,
+            state_path=su.out / f"state-{n}.pt",
+            fingerprint=f"{su.fp}-{n}",
+            desc=f"slice {stage}",
+        ),
+        terms=su.terms,
+        temperature=float(cfg.kd.temperature),
+        feature_index=feat_index,
+        feature_match=str(cfg.kd.feature_match),
+        val=su.ctx.val_batches(),
+        extras=extras,
     )
+    (su.out / f"state-{n}.pt").unlink(missing_ok=True)
+    return result
+
+
+def _cut_then_repair(
+    su: _Setup,
+    student: nn.Module,
+    plan: SlicePlan,
+    n: int,
+    stage: str,
+    epochs: int,
+    feat_index: list[int],
+    later: list[str],
+) -> tuple[nn.Module, dict[str, Any], FitResult]:
+    """oneshot / progressive: cut, recalibrate BN, repair (with ``kd.sparsity`` on the groups
+    of the ``later`` steps' stages)."""
+    cfg = su.ctx.cfg
+    student = get_adapter(student).slice(student, plan).to(su.ctx.device)  # checks invariants
+    row: dict[str, Any] = {"top1_sliced": evaluate(student, su.test, cfg.perf)["top1"]}
+    row["bn_recal_batches"] = recalibrate_bn(student, su.train, int(cfg.prune.bn_recal_batches))
+    row["top1_recal"] = evaluate(student, su.test, cfg.perf)["top1"]
+    extras = _sparsity(su.ctx, student, later)
+    result = _repair(su, student, n, stage, epochs, feat_index, extras)
+    selected = result.selected_row()
+    row["top1_repaired"] = selected["test_top1"] if selected else row["top1_recal"]
+    return student, row, result
+
+
+def _decay_then_cut(
+    su: _Setup,
+    student: nn.Module,
+    plan: SlicePlan,
+    n: int,
+    stage: str,
+    epochs: int,
+    feat_index: list[int],
+) -> tuple[nn.Module, dict[str, Any], FitResult]:
+    """gradual: repair while the removed channels decay to 0, then cut (which changes
+    nothing), then recalibrate BN: the running statistics lag behind the decaying factor."""
+    cfg = su.ctx.cfg
+    decay = ChannelDecay(student, plan, epochs * len(su.kd_train), str(cfg.slice.decay))
+    result = _repair(su, student, n, stage, epochs, feat_index, RepairExtras(decay=decay))
+    decay.factor.fill_(0.0)  # already 0 after the last step; also with no repair epoch
+    row: dict[str, Any] = {"top1_decayed": evaluate(student, su.test, cfg.perf)["top1"]}
+    decay.remove()
+    student = get_adapter(student).slice(student, plan).to(su.ctx.device)
+    row["top1_sliced"] = evaluate(student, su.test, cfg.perf)["top1"]
+    row["bn_recal_batches"] = recalibrate_bn(student, su.train, int(cfg.prune.bn_recal_batches))
+    row["top1_recal"] = row["top1_repaired"] = evaluate(student, su.test, cfg.perf)["top1"]
+    return student, row, result
+
+
+def _sparsity(ctx: Context, model: nn.Module, stages: list[str]) -> RepairExtras | None:
+    """``kd.sparsity`` on the groups a slicing step over ``stages`` will rank; None when off."""
+    planes_keep, mid_keep = slice_fractions(ctx)
+    groups = slice_groups(
+        model, planes_keep, mid_keep, stages=stages, round_to=int(ctx.cfg.slice.round_to)
+    )
+    pen = sparsity_from_config(ctx.cfg.kd.sparsity, [g.producers for g in groups])
+    return None if pen is None else RepairExtras(sparsity=pen)
+
+
+def _resume(su: _Setup, groups: list[list[str]]) -> tuple[int, Any, dict[str, Any]]:
+    """(steps done, model, checkpoint meta) of the last finished step of this configuration."""
+    for n in range(len(groups), 0, -1):
+        step_file = su.out / f"step-{n}.pt"
+        if step_file.is_file():
+            model, meta = load_checkpoint(step_file)
+            if meta.get("fingerprint") == su.fp:
+                log.info(
+                    f"slice: resuming after step {n} ({'+'.join(groups[n - 1])}) from {step_file}"
+                )
+                return n, model.to(su.ctx.device), meta
+    return 0, None, {}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -77,16 +215,12 @@ def run(ctx: Context) -> dict[str, Any]:
     teacher = ctx.load_model("teacher")
     student = ctx.load_model("distill")
     adapter = get_adapter(student)
-    do_planes, do_mid = POLICIES[sc.name]
-    planes_keep, mid_keep = sc.planes_keep, sc.mid_keep
-    if cfg.budget.macs is not None:  # the allocator's fractions (prune/plan.json)
-        choice = read_json(ctx.run_dir / "prune" / "plan.json")["budget"]["choice"]
-        planes_keep, mid_keep = float(choice["planes_keep"]), float(choice["mid_keep"])
+    planes_keep, mid_keep = slice_fractions(ctx)
     train, test = ctx.train_batches(), ctx.test_batches()
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
-    terms = terms_from_config(cfg.kd)
-    kd_train = train  # the repairs' batches: with the IG overlay when kd.ig.prob > 0
-    if int(sc.repair_epochs) > 0 and (do_planes or do_mid):
+    stages = slice_stages(ctx, student)
+    kd_train = train
+    if int(sc.repair_epochs) > 0 and stages:
         kd_train = overlay_batches(
             train,
             teacher,
@@ -95,116 +229,75 @@ def run(ctx: Context) -> dict[str, Any]:
             data=ctx.data("train"),
             cache_dir=ctx.cache_dir if cfg.use_cache else None,
         )
+    su = _Setup(ctx, teacher, train, kd_train, test, terms_from_config(cfg.kd), "", out)
+    su.fp = ctx.fingerprint("slice")
     feat_index = list(range(adapter.classifier(teacher).in_features))
     start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
-    steps: list[dict[str, Any]] = []
-    plan_steps: list[dict[str, Any]] = []
-    stages = (
-        adapter.plane_stages(student, include_first=bool(sc.include_first_stage))
-        if (do_planes or do_mid)
-        else []
-    )
-    # the slicing steps: one stage each (progressive), or every stage at once (oneshot), which
-    # then repairs for the epochs the progressive steps would have had together
+    # the slicing steps: one stage each (progressive), or every stage at once (oneshot,
+    # gradual), which then repairs for the epochs the progressive steps would have had together
     groups = [[s] for s in stages] if sc.schedule == "progressive" else [stages] if stages else []
-    fp = ctx.fingerprint("slice")
-    done_steps = 0
-    for n in range(len(groups), 0, -1):  # resume after the last finished step
-        step_file = out / f"step-{n}.pt"
-        if step_file.is_file():
-            model, meta = load_checkpoint(step_file)
-            if meta.get("fingerprint") == fp:
-                student = model.to(ctx.device)
-                steps, plan_steps = list(meta["steps"]), list(meta["plan_steps"])
-                feat_index, done_steps = list(meta["feat_index"]), n
-                log.info(
-                    f"slice: resuming after step {n} ({'+'.join(groups[n - 1])}) from {step_file}"
-                )
-                break
+    done_steps, model, meta = _resume(su, groups)
+    if model is not None:
+        student, feat_index = model, list(meta["feat_index"])
+    steps: list[dict[str, Any]] = list(meta.get("steps", []))
+    plan_steps: list[dict[str, Any]] = list(meta.get("plan_steps", []))
+    stage_of = {b.name: b.stage for b in adapter.blocks(student)}
     for n, group in enumerate(groups, start=1):
         if n <= done_steps:
             continue
         # every selection of a step reads the same model: the one before the step's cut
-        planes: dict[str, list[int]] = {}
-        mids: dict[str, list[int]] = {}
-        for g in group if do_planes else []:
-            producers = adapter.plane_producers(student, g)
-            c = producers[0][0].out_channels
-            k = round_keep(c, fraction(planes_keep, g, "slice.planes_keep"), int(sc.round_to))
-            if k < c:
-                planes[g] = _select(ctx, student, adapter.stage_output(student, g), producers, k)
-        cut_stages = set(planes)
-        for b in adapter.blocks(student) if do_mid else []:
-            if b.stage not in group:
-                continue
-            prod = adapter.mid_producers(student, b.name)
-            if prod is None:
-                continue
-            c = prod[0].out_channels
-            k = round_keep(c, fraction(mid_keep, b.stage, "slice.mid_keep"), int(sc.round_to))
-            if k < c:
-                mids[b.name] = _select(ctx, student, prod[1], [prod], k)
-                cut_stages.add(b.stage)
-        if not planes and not mids:
-            continue
-        # the stages this step cuts (a oneshot step repairs repair_epochs for each of them)
-        cut = [g for g in group if g in cut_stages]
-        stage = "+".join(cut)
-        s_dim = adapter.classifier(student).in_features
-        student = adapter.slice(student, SlicePlan(planes=planes, mid=mids))  # checks invariants
-        if adapter.classifier(student).in_features != s_dim:  # the last planes feed the head
-            feat_index = [feat_index[i] for i in list(planes.values())[-1]]  # filled in order
-        student.to(ctx.device)
-        row: dict[str, Any] = {
-            "step": n,
-            "stage": stage,
-            "top1_sliced": evaluate(student, test, cfg.perf)["top1"],
-        }
-        row["bn_recal_batches"] = recalibrate_bn(student, train, int(cfg.prune.bn_recal_batches))
-        row["top1_recal"] = evaluate(student, test, cfg.perf)["top1"]
-        result = kd_repair(
+        plan = plan_slice(
             student,
-            teacher,
-            kd_train,
-            test,
-            TrainSpec.of(
-                cfg,
-                "kd",
-                epochs=int(sc.repair_epochs) * len(cut),
-                state_path=out / f"state-{n}.pt",
-                fingerprint=f"{fp}-{n}",
-                desc=f"slice {stage}",
-            ),
-            terms=terms,
-            temperature=float(cfg.kd.temperature),
-            feature_index=feat_index,
-            feature_match=str(cfg.kd.feature_match),
-            val=ctx.val_batches(),
+            planes_keep,
+            mid_keep,
+            stages=group,
+            round_to=int(sc.round_to),
+            select_fn=_selector(ctx, student),
         )
-        (out / f"state-{n}.pt").unlink(missing_ok=True)
-        selected = result.selected_row()
-        row["top1_repaired"] = selected["test_top1"] if selected else row["top1_recal"]
+        if not plan.planes and not plan.mid:
+            continue
+        cut_stages = set(plan.planes) | {stage_of[b] for b in plan.mid}
+        cut = [g for g in group if g in cut_stages]  # a step repairs repair_epochs per stage
+        stage, epochs = "+".join(cut), int(sc.repair_epochs) * len(cut)
+        before = steps[-1]["top1_repaired"] if steps else start_top1
+        head = head_keep(student, plan)  # the classifier's kept inputs, when the cut narrows it
+        new_index = feat_index if head is None else [feat_index[i] for i in head]
+        if sc.schedule == "gradual":
+            student, row, result = _decay_then_cut(su, student, plan, n, stage, epochs, new_index)
+        else:
+            later = [s for g in groups[n:] for s in g]  # the stages of the steps still to come
+            student, row, result = _cut_then_repair(
+                su, student, plan, n, stage, epochs, new_index, later
+            )
+        feat_index = new_index
+        row = {"step": n, "stage": stage, "top1_before": before, **row}
         row["repair"] = result.history
         row["selection"] = result.selection()
         row.update(
             {
                 "params": count_params(student),
                 **count_macs(student, size),
-                "planes": {s: len(v) for s, v in planes.items()},
-                "mid": {b: len(v) for b, v in mids.items()},
+                "planes": {s: len(v) for s, v in plan.planes.items()},
+                "mid": {b: len(v) for b, v in plan.mid.items()},
             }
         )
         steps.append(row)
-        plan_steps.append({"step": n, "stage": stage, "planes": planes, "mid": mids})
+        plan_steps.append({"step": n, "stage": stage, "planes": plan.planes, "mid": plan.mid})
         save_checkpoint(
             out / f"step-{n}.pt",
             student,
-            {"fingerprint": fp, "steps": steps, "plan_steps": plan_steps, "feat_index": feat_index},
+            {
+                "fingerprint": su.fp,
+                "steps": steps,
+                "plan_steps": plan_steps,
+                "feat_index": feat_index,
+            },
         )
         student.to(ctx.device)
         log.info(
-            f"slice {stage}: top1 {row['top1_sliced']:.2f}% sliced, {row['top1_recal']:.2f}% "
-            f"after BN recal, {row['top1_repaired']:.2f}% after repair; MACs {row['macs']:,}"
+            f"slice {stage}: top1 {before:.2f}% before the cut, {row['top1_sliced']:.2f}% cut, "
+            f"{row['top1_recal']:.2f}% after BN recal, {row['top1_repaired']:.2f}% final; "
+            f"MACs {row['macs']:,}"
         )
     final = steps[-1]["top1_repaired"] if steps else start_top1
     metrics = {
@@ -212,6 +305,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "top1_start": start_top1,
         "policy": sc.name,
         "selector": sc.selector,
+        "schedule": sc.schedule,
+        "cut": [{k: r[k] for k in CUT_KEYS if k in r} for r in steps],
         "steps": steps,
         "params": count_params(student),
         **count_macs(student, size),
