@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from torch import nn
 
 from m2mdc.arch import get_adapter
 from m2mdc.arch.base import BlockRef
+from m2mdc.bisection import bisect, within
 from m2mdc.errors import M2MError
 from m2mdc.profiling import count_macs
 from m2mdc.pruning import keep_cfg_from_removals, select_removals
@@ -108,6 +110,12 @@ def slice_uniform(
     return adapter.slice(student, plan)
 
 
+def fractions(shape: str, f: float) -> tuple[float, float]:
+    """``(planes_keep, mid_keep)`` of ``shape`` at the fraction ``f`` (the other part stays 1)."""
+    use_p, use_m = SHAPES[shape]
+    return (f if use_p else 1.0), (f if use_m else 1.0)
+
+
 def search(
     teacher: nn.Module,
     blocks: Sequence[BlockRef],
@@ -130,33 +138,29 @@ def search(
         s = slice_uniform(kept, p, m, round_to=round_to, include_first=include_first)
         return int(count_macs(s, input_size)["macs"])
 
-    def close(macs: int) -> bool:
-        return abs(macs - target) <= tolerance * target
+    def shaped_macs(kept: nn.Module, shape: str, f: float) -> int:
+        return macs_of(kept, *fractions(shape, f))
 
     for ratio in ratios:
         keep = keep_cfg_from_removals(blocks, select_removals(blocks, scores, float(ratio)))
         kept = get_adapter(teacher).keep(teacher, keep)  # once per ratio
         full = macs_of(kept, 1.0, 1.0)
-        if close(full):
+        if within(full, target, tolerance):
             found.append(Candidate(float(ratio), "blocks", 1.0, 1.0, full, keep))
         for shape in POLICY_SHAPES[policy]:
-            use_p, use_m = SHAPES[shape]
-            lo, hi = MIN_FRACTION, 1.0
-            best: tuple[int, float, float] | None = None
-            for _ in range(BISECTION_STEPS):
-                mid = (lo + hi) / 2
-                p, m = (mid if use_p else 1.0), (mid if use_m else 1.0)
-                macs = macs_of(kept, p, m)
-                if best is None or abs(macs - target) < abs(best[0] - target):
-                    best = (macs, p, m)
-                if close(macs):
-                    break
-                lo, hi = (lo, mid) if macs > target else (mid, hi)
-            assert best is not None
-            if close(best[0]):
-                found.append(Candidate(float(ratio), shape, best[1], best[2], best[0], keep))
+            best, _ = bisect(
+                partial(shaped_macs, kept, shape),
+                target,
+                MIN_FRACTION,
+                1.0,
+                tolerance=tolerance,
+                steps=BISECTION_STEPS,
+            )
+            macs = int(best.value)
+            if within(macs, target, tolerance):
+                found.append(Candidate(float(ratio), shape, *fractions(shape, best.x), macs, keep))
             else:
-                missed.append({"ratio": float(ratio), "shape": shape, "closest_macs": best[0]})
+                missed.append({"ratio": float(ratio), "shape": shape, "closest_macs": macs})
     return found, missed
 
 

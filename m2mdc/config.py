@@ -23,6 +23,7 @@ MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 COMPARISONS = ("teacher_same_epochs", "torch_pruning")
+PEER_MATCHES = ("macs", "latency")  # peer.match: what the Torch-Pruning peer is matched to
 SELECT = ("last", "best_val")
 BAD_FILES = ("error", "skip")  # m2mdc.data.datasets: what undecodable image files get
 
@@ -198,11 +199,16 @@ class BudgetConfig:
 @dataclass
 class PeerConfig:
     """``compare=torch_pruning``: Torch-Pruning (DepGraph) from the same teacher, pruned with a
-    uniform channel ratio bisected to the inner_slice student's MACs, then trained for the
-    students' post-pruning epochs with ``terms`` at ``kd.lr``."""
+    uniform channel ratio bisected to the inner_slice student's MACs (``match: [macs]``) and/or
+    its measured batch-1 latency (``latency``), each then trained for the students'
+    post-pruning epochs with ``terms`` at ``kd.lr``."""
 
+    # one peer per entry: macs (row peer_torch_pruning), latency (peer_torch_pruning_latency)
+    match: list[str] = _f(factory=lambda: ["macs"], choices=PEER_MATCHES)  # noqa: RUF009
     importance: str = _f("l1", choices=("l1", "bn_scale", "taylor"))
     mac_tolerance: float = _f(0.02, gt=0, lt=1)  # relative; the bisection stops inside it
+    latency_tolerance: float = _f(0.05, gt=0, lt=1)  # relative, on the peer/student latency
+    latency_repeats: int = _f(100, gt=0)  # timed rounds (peer and student) per bisection trial
     taylor_batches: int = _f(8, gt=0)  # batches of gradients for importance=taylor
     temperature: float = _f(4.0, gt=0)
     terms: list[KDTermConfig] = field(
@@ -383,6 +389,14 @@ def _validate_kd_terms(cfg: DictConfig) -> None:
         check_kd_terms(cfg.peer.terms, "peer.terms")
 
 
+def _validate_peer_match(cfg: DictConfig) -> None:
+    if "peer" in cfg and "match" in cfg.peer and not cfg.peer.match:
+        raise M2MError(
+            f"peer.match is empty; choose one or both of: {', '.join(PEER_MATCHES)}, "
+            "e.g. peer.match=[macs,latency]"
+        )
+
+
 def _validate_select(cfg: DictConfig) -> None:
     if cfg.get("select") == "best_val" and not float(cfg.dataset.get("val_fraction") or 0):
         raise M2MError(
@@ -392,7 +406,12 @@ def _validate_select(cfg: DictConfig) -> None:
 
 
 # the settings that name model parts are checked one layer up (m2mdc.structure.validate_all)
-EXTRA_VALIDATORS: list[Any] = [_validate_slice_keeps, _validate_kd_terms, _validate_select]
+EXTRA_VALIDATORS: list[Any] = [
+    _validate_slice_keeps,
+    _validate_kd_terms,
+    _validate_peer_match,
+    _validate_select,
+]
 
 
 def comparisons(cfg: DictConfig) -> list[str]:

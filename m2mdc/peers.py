@@ -1,18 +1,22 @@
-"""Torch-Pruning (DepGraph) as a peer method: uniform channel pruning to a MAC target.
+"""Torch-Pruning (DepGraph) as a peer method: uniform channel pruning to a MAC or latency
+target.
 
 Torch-Pruning removes one uniform ratio of channels from every prunable group (its
 ``BasePruner``, not global; the classifier is kept), ranked by an importance (``l1``: filter
 L1 norm, ``bn_scale``: |gamma|, ``taylor``: first-order Taylor on batches of CE gradients).
-With a uniform ratio the widths, and so the MACs, depend on the ratio alone, so
-:func:`bisect_ratio` finds the ratio whose MACs (counted by m2mdc's own counter) are within a
-tolerance of a target using cheap L1 importance; the model is then pruned once with the chosen
-importance (:func:`prune_uniform`). The stage that trains and reports it is
-``compare=torch_pruning`` (:mod:`m2mdc.stages.compare`).
+With a uniform ratio the widths, and so the MACs and the latency, depend on the ratio alone,
+so the ratio is bisected (:func:`m2mdc.bisection.bisect`) with cheap L1 importance:
+:func:`bisect_ratio` until the MACs (counted by m2mdc's own counter) are within a tolerance of
+a target, :func:`match_latency` until the measured batch-1 latency is within a tolerance of a
+student's. The model is then pruned once with the chosen importance (:func:`prune_uniform`).
+The stages that train and report them are ``compare=torch_pruning`` with ``peer.match``
+(:mod:`m2mdc.stages.compare`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,12 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2mdc.arch import get_adapter
+from m2mdc.bisection import bisect, within
 from m2mdc.errors import M2MError
-from m2mdc.profiling import count_macs
+from m2mdc.profiling import count_macs, paired_latency
 
-NAME = "peer_torch_pruning"
+NAME = "peer_torch_pruning"  # matched to the student's MACs
+LATENCY_NAME = "peer_torch_pruning_latency"  # matched to the student's measured latency
 MAX_RATIO = 0.95
 BISECTION_STEPS = 30
+LATENCY_STEPS = 12  # timed bisection trials: the last bracket is MAX_RATIO / 4096 wide
 
 
 def _torch_pruning() -> Any:
@@ -78,23 +85,89 @@ def bisect_ratio(
 ) -> tuple[float, int, list[dict[str, float]]]:
     """The uniform ratio whose pruned MACs are closest to ``target_macs`` (bisection on the
     monotone MACs(ratio) until within ``tolerance``), its MACs and the trials."""
-    lo, hi = 0.0, MAX_RATIO
-    trials: list[dict[str, float]] = []
-    best: tuple[float, int] | None = None
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        macs = count_macs(prune_uniform(teacher, mid, input_size), input_size)["macs"]
-        trials.append({"ratio": mid, "macs": macs})
-        if best is None or abs(macs - target_macs) < abs(best[1] - target_macs):
-            best = (mid, macs)
-        if abs(macs - target_macs) <= tolerance * target_macs:
-            break
-        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
-    assert best is not None
-    if abs(best[1] - target_macs) > tolerance * target_macs:
+    best, trials = bisect(
+        lambda ratio: count_macs(prune_uniform(teacher, ratio, input_size), input_size)["macs"],
+        target_macs,
+        0.0,
+        MAX_RATIO,
+        tolerance=tolerance,
+        steps=BISECTION_STEPS,
+        increasing=False,
+    )
+    macs = int(best.value)
+    if not within(macs, target_macs, tolerance):
         raise M2MError(
             f"{NAME}: no uniform Torch-Pruning ratio in [0, {MAX_RATIO}] reaches "
-            f"{target_macs:,} MACs within {tolerance:.0%} (closest: {best[1]:,} at ratio "
-            f"{best[0]:.4f}); raise peer.mac_tolerance"
+            f"{target_macs:,} MACs within {tolerance:.0%} (closest: {macs:,} at ratio "
+            f"{best.x:.4f}); raise peer.mac_tolerance"
         )
-    return best[0], best[1], trials
+    return best.x, macs, [{"ratio": t.x, "macs": t.value} for t in trials]
+
+
+def match_latency(
+    teacher: nn.Module,
+    student: nn.Module,
+    input_size: int,
+    tolerance: float,
+    repeats: int,
+    device: str = "cpu",
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The uniform ratio at which the pruned teacher's batch-1 latency is within
+    ``tolerance`` (relative) of ``student``'s, and every trial.
+
+    Each trial times the pruned teacher and the student interleaved
+    (:func:`m2mdc.profiling.paired_latency`, ``repeats`` rounds): the value bisected is the
+    median of their per-round latency ratio, which a load change on the machine does not
+    move. The fastest peer (``MAX_RATIO``) is timed first; when it is still slower than the
+    student the target is out of reach and this raises at once. Otherwise the ratio is
+    bisected in ``[0, MAX_RATIO]`` (latency falls as the ratio grows). ``on_trial`` sees every
+    trial as it is measured.
+
+    Returns:
+        The trial closest to the student's latency and every trial, each with ``ratio``,
+        ``macs``, ``latency_ms``, ``student_latency_ms`` and ``latency_ratio`` (peer /
+        student).
+    """
+    trials: list[dict[str, Any]] = []
+
+    def latency_ratio(ratio: float) -> float:
+        peer = prune_uniform(teacher, ratio, input_size)
+        lat = paired_latency(peer, student, input_size, repeats=repeats, device=device)
+        trials.append(
+            {
+                "ratio": ratio,
+                "macs": count_macs(peer, input_size)["macs"],
+                "latency_ms": lat["latency_ms"],
+                "student_latency_ms": lat["reference_latency_ms"],
+                "latency_ratio": lat["latency_ratio"],
+            }
+        )
+        if on_trial is not None:
+            on_trial(trials[-1])
+        return float(lat["latency_ratio"])
+
+    fastest = latency_ratio(MAX_RATIO)
+    if fastest > 1.0 + tolerance:
+        t = trials[0]
+        raise M2MError(
+            f"{LATENCY_NAME}: the inner_slice student ({t['student_latency_ms']:.3g} ms at "
+            f"batch 1) is faster than any uniform Torch-Pruning peer (closest: "
+            f"{t['latency_ms']:.3g} ms at ratio {MAX_RATIO}, {fastest:.2f}x); no peer runs at "
+            f"its latency: drop latency from peer.match"
+        )
+    if not within(fastest, 1.0, tolerance):
+        bisect(
+            latency_ratio, 1.0, 0.0, MAX_RATIO, tolerance=tolerance, steps=LATENCY_STEPS,
+            increasing=False,
+        )  # fmt: skip
+    best = min(trials, key=lambda t: abs(t["latency_ratio"] - 1.0))
+    if not within(best["latency_ratio"], 1.0, tolerance):
+        raise M2MError(
+            f"{LATENCY_NAME}: no uniform Torch-Pruning ratio in [0, {MAX_RATIO}] runs within "
+            f"{tolerance:.0%} of the inner_slice student's batch-1 latency (closest: "
+            f"{best['latency_ratio']:.3f}x at ratio {best['ratio']:.4f}); the timing is too "
+            "noisy or the latency jumps there: raise peer.latency_repeats or "
+            "peer.latency_tolerance"
+        )
+    return best, trials

@@ -188,6 +188,7 @@ PIPELINE = (
     "slice",
     "teacher_same_epochs",
     "peer_torch_pruning",
+    "peer_torch_pruning_latency",
     "profile",
 )
 

@@ -118,20 +118,87 @@ def measure_latencies(
     device: str = "cpu",
     in_chans: int = 3,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`measure_latency` of several models, interleaved.
-
-    Every round times one forward pass of each model in turn (the order alternating between
-    rounds), so a change in machine load during the measurement hits all models alike and
+    """:func:`measure_latency` of several models, timed by :func:`interleaved_times`, so
     their latency *ratios* (speedups) stay meaningful on a shared machine.
 
     Returns:
         name -> the :func:`measure_latency` fields of that model.
     """
+    times = interleaved_times(models, input_size, batch_size, warmup, repeats, device, in_chans)
+    out = {}
+    for name, ts in times.items():
+        p90 = statistics.quantiles(ts, n=10, method="inclusive")[-1] if len(ts) > 1 else ts[0]
+        out[name] = {
+            "latency_ms": statistics.median(ts),
+            "latency_p90_ms": p90,
+            "batch_size": batch_size,
+            "threads": torch.get_num_threads(),
+            "device": str(torch.device(device)),
+            "repeats": repeats,
+        }
+    return out
+
+
+def paired_latency(
+    model: nn.Module,
+    reference: nn.Module,
+    input_size: int,
+    repeats: int = 30,
+    warmup: int = 5,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Batch-1 latency of ``model`` relative to ``reference``, timed by
+    :func:`interleaved_times`.
+
+    Each round times both models back to back, so ``latency_ratio`` (model / reference) is
+    the median over rounds of the two times' ratio within a round: a load change on a shared
+    machine between rounds cancels out of it.
+
+    Returns:
+        ``latency_ratio``, ``latency_ms`` and ``reference_latency_ms`` (medians over the
+        rounds), ``threads``, ``device``, ``repeats``.
+    """
+    times = interleaved_times(
+        {"model": model, "reference": reference}, input_size, 1, warmup, repeats, device
+    )
+    pairs = zip(times["model"], times["reference"], strict=True)
+    return {
+        "latency_ratio": statistics.median(m / r for m, r in pairs),
+        "latency_ms": statistics.median(times["model"]),
+        "reference_latency_ms": statistics.median(times["reference"]),
+        "threads": torch.get_num_threads(),
+        "device": str(torch.device(device)),
+        "repeats": repeats,
+    }
+
+
+def interleaved_times(
+    models: Mapping[str, nn.Module],
+    input_size: int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str = "cpu",
+    in_chans: int = 3,
+) -> dict[str, list[float]]:
+    """Wall-clock times (ms) of ``repeats`` forward passes of deep copies of ``models`` (eval,
+    ``torch.inference_mode``), interleaved, after ``warmup`` untimed passes of each.
+
+    Every round times one forward pass of each model in turn (the order alternating between
+    rounds), so a change in machine load during the measurement hits all models alike. On
+    CUDA the timing uses CUDA events after a synchronise so asynchronous kernels are fully
+    counted. The input is drawn from a private generator: timing leaves the global random
+    state alone.
+
+    Returns:
+        name -> the time of each round, in order.
+    """
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("measure_latency needs repeats >= 1, warmup >= 0, batch_size >= 1")
     dev = torch.device(device)
     nets = {name: copy.deepcopy(m).to(dev).eval() for name, m in models.items()}
-    x = torch.randn(batch_size, in_chans, input_size, input_size, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, in_chans, input_size, input_size, generator=gen).to(dev)
     cuda = dev.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in nets}
     names = list(nets)
@@ -143,33 +210,22 @@ def measure_latencies(
             torch.cuda.synchronize(dev)
         for r in range(repeats):
             for name in names if r % 2 == 0 else reversed(names):
-                net = nets[name]
-                if cuda:
-                    start, end = (
-                        torch.cuda.Event(enable_timing=True),
-                        torch.cuda.Event(enable_timing=True),
-                    )
-                    start.record()
-                    net(x)
-                    end.record()
-                    end.synchronize()
-                    times[name].append(float(start.elapsed_time(end)))
-                else:
-                    t0 = time.perf_counter()
-                    net(x)
-                    times[name].append((time.perf_counter() - t0) * 1000.0)
-    out = {}
-    for name, ts in times.items():
-        p90 = statistics.quantiles(ts, n=10, method="inclusive")[-1] if len(ts) > 1 else ts[0]
-        out[name] = {
-            "latency_ms": statistics.median(ts),
-            "latency_p90_ms": p90,
-            "batch_size": batch_size,
-            "threads": torch.get_num_threads(),
-            "device": str(dev),
-            "repeats": repeats,
-        }
-    return out
+                times[name].append(_time_forward(nets[name], x, cuda))
+    return times
+
+
+def _time_forward(net: nn.Module, x: torch.Tensor, cuda: bool) -> float:
+    """Milliseconds of one forward pass of ``net`` on ``x``."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        net(x)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    net(x)
+    return (time.perf_counter() - t0) * 1000.0
 
 
 def profile_model(

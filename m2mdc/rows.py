@@ -24,7 +24,16 @@ ROWS: tuple[Row, ...] = (
     Row("block_kd", "distill", "Block-KD", "student"),
     Row("inner_slice", "slice", "Inner-slice", "student"),
     Row("teacher_same_epochs", "teacher_same_epochs", "Teacher (same epochs)", "comparison"),
-    Row("peer_torch_pruning", "peer_torch_pruning", "Torch-Pruning peer", "comparison"),
+    # the Torch-Pruning peers (peer.match): at the inner_slice student's MACs, and at its latency
+    Row(
+        "peer_torch_pruning", "peer_torch_pruning", "Torch-Pruning peer (equal MACs)", "comparison"
+    ),
+    Row(
+        "peer_torch_pruning_latency",
+        "peer_torch_pruning_latency",
+        "Torch-Pruning peer (equal latency)",
+        "comparison",
+    ),
 )
 BY_NAME = {r.name: r for r in ROWS}
 # row name -> stage directory, in pipeline order

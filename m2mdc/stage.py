@@ -78,6 +78,9 @@ NEUTRAL: dict[str, Any] = {
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size
     "dataset.bad_files": "error",
+    "peer.match": ["macs"],  # the peer matched to the student's MACs only
+    "peer.latency_tolerance": 0.05,  # read by the latency-matched peer only
+    "peer.latency_repeats": 100,
 }
 
 

@@ -477,12 +477,22 @@ def test_gradual_decay_ends_in_oneshot_architecture_and_records_the_cut(quick_ru
     assert m["cut"][0]["top1_before"] == start == oneshot["cut"][0]["top1_before"]
 
 
-def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick_run, tmp_path):
+def test_torch_pruning_peers_match_macs_and_latency_and_epochs_and_reach_the_report(
+    quick_run, tmp_path
+):
     pytest.importorskip("torch_pruning")
+    from m2mdc.peers import MAX_RATIO
+
     run = tmp_path / "run"
     shutil.copytree(quick_run, run)
     compare = "compare=[teacher_same_epochs,torch_pruning]"
-    _ok(run_cli("run", *TINY, compare, f"hydra.run.dir={run}", cwd=tmp_path))
+    # both peers; the latency match within 10% and on one thread: the test machine is shared,
+    # and two threads contending with other jobs time unsteadily
+    match = ("peer.match=[macs,latency]", "peer.latency_tolerance=0.1")
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    _ok(
+        run_cli("run", *TINY, compare, *match, f"hydra.run.dir={run}", cwd=tmp_path, env=one_thread)
+    )
     kd_epochs = len(json.loads((run / "distill" / "metrics.json").read_text())["epochs"])
     slice_metrics = json.loads((run / "slice" / "metrics.json").read_text())
     budget = kd_epochs + 3 * 1  # TINY: layer2..4 sliced, slice.repair_epochs=1
@@ -494,6 +504,25 @@ def test_torch_pruning_peer_matches_macs_and_epochs_and_reaches_the_report(quick
     assert set(rows) >= {"teacher", "block_kd", "inner_slice", "teacher_same_epochs"}
     assert rows["peer_torch_pruning"]["macs"] == m["macs"]  # profile reloaded the checkpoint
     assert rows["peer_torch_pruning"]["top1"] == m["top1"]
+
+    lat = json.loads((run / "peer_torch_pruning_latency" / "metrics.json").read_text())
+    # the same training as the MAC-matched peer
+    assert len(lat["epochs"]) == budget and lat["student_epochs"] == m["student_epochs"]
+    assert lat["terms"] == m["terms"] and lat["importance"] == m["importance"]
+    # matched to the student's batch-1 latency as timed interleaved with it; every trial kept
+    trials = lat["bisection"]
+    assert trials[0]["ratio"] == MAX_RATIO
+    for t in trials:
+        assert set(t) == {"ratio", "macs", "latency_ms", "student_latency_ms", "latency_ratio"}
+        assert t["latency_ratio"] > 0 and t["macs"] > 0
+    closest = min(trials, key=lambda t: abs(t["latency_ratio"] - 1))
+    assert (lat["ratio"], lat["macs"]) == (closest["ratio"], closest["macs"])
+    assert abs(lat["latency_ratio"] - 1) <= 0.1 and lat["latency_ratio"] == closest["latency_ratio"]
+    # both comparisons beside each other in summary.json, with their MACs and latency
+    peer_rows = [rows["peer_torch_pruning"], rows["peer_torch_pruning_latency"]]
+    assert rows["peer_torch_pruning_latency"]["macs"] == lat["macs"]
+    assert rows["peer_torch_pruning_latency"]["top1"] == lat["top1"]
+    assert all(r["latency_ms"] for r in peer_rows)  # the profile timed them with the rest
 
     report = tmp_path / "report"
     _ok(run_cli("report", str(run), "--out", str(report), cwd=tmp_path))

@@ -154,9 +154,12 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, reads: Reads, monkeypatch) -> d
 @pytest.mark.parametrize(
     "overrides",
     [
-        # the default recipe with both comparisons, a validation split and held-out selection
+        # the default recipe with both comparisons (both peers), a validation split and
+        # held-out selection
         [
             "compare=[teacher_same_epochs,torch_pruning]",
+            "peer.match=[macs,latency]",
+            "peer.latency_tolerance=0.1",  # a shared machine times noisily
             "dataset.val_fraction=0.1",
             "select=best_val",
             "profile.input_size=32",  # the size every stage counts MACs at

@@ -62,3 +62,81 @@ def test_peer_terms_are_validated(compose_cfg):
         validate(compose_cfg("peer.importance=fisher"))
     with pytest.raises(M2MError, match=r"peer.terms\[0\].name='kll' is not valid"):
         validate(compose_cfg("peer.terms=[{name:kll}]"))
+
+
+# the latency match: ResNet-18 at 16x16 against a student that kept one block per stage (and
+# 70% of its channels); at batch 1 a layer's fixed cost dominates at this size
+LATENCY_SIZE = 16
+# how far a fresh interleaved measurement of one model pair can move on a shared CPU: repeated
+# measurements of the same pair (300 rounds each) spread by up to about +-10% under load
+LATENCY_NOISE = 0.10
+
+
+def test_latency_match_lands_within_its_tolerance():
+    from m2mdc import budget
+    from m2mdc.profiling import measure_latencies
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", 10).eval()
+    keep = {"layer1": [0], "layer2": [0], "layer3": [0], "layer4": [0]}
+    student = budget.shaped_student(teacher, keep, 0.7, 0.7).eval()
+    best, trials = peers.match_latency(teacher, student, LATENCY_SIZE, 0.05, repeats=100)
+
+    assert trials[0]["ratio"] == peers.MAX_RATIO  # the fastest peer is timed first
+    assert best in trials and abs(best["latency_ratio"] - 1) <= 0.05  # as the stage measured it
+    peer = peers.prune_uniform(teacher, best["ratio"], LATENCY_SIZE)
+    assert best["macs"] == count_macs(peer, LATENCY_SIZE)["macs"]
+    # measured again, interleaved, the way the profile and summary.json measure them
+    lat = measure_latencies({"peer": peer, "student": student}, LATENCY_SIZE, repeats=300)
+    ratio = lat["peer"]["latency_ms"] / lat["student"]["latency_ms"]
+    assert abs(ratio - 1) <= 0.05 + LATENCY_NOISE, ratio
+    # it keeps all its layers, so it runs as fast as the student only with fewer MACs
+    assert best["macs"] < count_macs(student, LATENCY_SIZE)["macs"]
+
+
+def test_latency_out_of_reach_is_a_clear_error():
+    from tests.conftest import tiny_classifier
+
+    teacher = create_model("resnet18", 10).eval()
+    student = tiny_classifier().eval()  # one conv: faster than any ResNet-18, however thin
+    with pytest.raises(M2MError) as err:
+        peers.match_latency(teacher, student, LATENCY_SIZE, 0.05, repeats=20)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "student" in message and "is faster than any uniform Torch-Pruning peer" in message
+    assert "drop latency from peer.match" in message
+
+
+def test_peer_match_defaults_keep_the_mac_peers_fingerprint(compose_cfg, tmp_path):
+    """``peer.match=[macs]`` (the default) and the latency settings at their defaults leave
+    the MAC-matched peer's fingerprint as it was before these settings existed."""
+    from omegaconf import OmegaConf
+
+    from m2mdc import stages  # noqa: F401  (registers the stages)
+    from m2mdc.stage import Context
+
+    def fingerprint(cfg, stage=peers.NAME):
+        return Context(cfg, tmp_path).fingerprint(stage)
+
+    cfg = compose_cfg("experiment=quickstart", "compare=torch_pruning")
+    before = OmegaConf.to_container(cfg)  # the config as it was before peer.match existed
+    for key in ("match", "latency_tolerance", "latency_repeats"):
+        del before["peer"][key]
+    assert fingerprint(OmegaConf.create(before)) == fingerprint(cfg)
+    explicit = compose_cfg("experiment=quickstart", "compare=torch_pruning", "peer.match=[macs]")
+    assert fingerprint(explicit) == fingerprint(cfg)
+    # the latency peer's own settings are part of its fingerprint
+    both = ("experiment=quickstart", "compare=torch_pruning", "peer.match=[macs,latency]")
+    latency = fingerprint(compose_cfg(*both), peers.LATENCY_NAME)
+    looser = compose_cfg(*both, "peer.latency_tolerance=0.1")
+    assert fingerprint(looser, peers.LATENCY_NAME) != latency
+
+
+def test_peer_match_is_validated(compose_cfg):
+    from m2mdc.config import validate
+
+    validate(compose_cfg("compare=torch_pruning", "peer.match=[latency,macs]"))
+    with pytest.raises(M2MError, match=r"peer.match\[1\]='flops' is not valid; choose one of"):
+        validate(compose_cfg("peer.match=[macs,flops]"))
+    with pytest.raises(M2MError, match=r"peer.match is empty; choose one or both of: macs"):
+        validate(compose_cfg("peer.match=[]"))

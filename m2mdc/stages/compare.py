@@ -9,12 +9,15 @@ that ran), with the teacher's own recipe (``teacher.unfreeze``, Adam at ``teache
 and reports it as the ``teacher_same_epochs`` row. Its batch order continues the teacher's
 (epochs ``teacher.epochs + 1 ...``), so it sees new shuffles and flips, not a replay.
 
-``torch_pruning`` (row ``peer_torch_pruning``): the same teacher pruned by Torch-Pruning to
-the inner_slice student's MACs within ``peer.mac_tolerance`` (:mod:`m2mdc.peers`: one uniform
-ratio, bisected; channels ranked by ``peer.importance``). Like the m2mdc students it gets
-BatchNorm recalibration (``prune.bn_recal_batches``) and then exactly their post-pruning epoch
-budget (``kd.epochs`` + the slicing repairs) at ``kd.lr`` with ``peer.terms`` (default CE + KL
-at T=4).
+``torch_pruning``: the same teacher pruned by Torch-Pruning (:mod:`m2mdc.peers`: one uniform
+ratio, bisected; channels ranked by ``peer.importance``), one peer per ``peer.match`` entry:
+``macs`` (row ``peer_torch_pruning``) at the inner_slice student's MACs within
+``peer.mac_tolerance``; ``latency`` (row ``peer_torch_pruning_latency``) at the student's
+batch-1 latency within ``peer.latency_tolerance``, the two timed interleaved in this process on
+the run's device (``peer.latency_repeats`` rounds per trial; every trial's ratio, MACs and
+latencies go to its metrics). Like the m2mdc students each gets BatchNorm recalibration
+(``prune.bn_recal_batches``) and then exactly their post-pruning epoch budget (``kd.epochs`` +
+the slicing repairs) at ``kd.lr`` with ``peer.terms`` (default CE + KL at T=4).
 
 The result is saved in the checkpoint contract with ``arch.resized_by = "torch_pruning"``:
 the base architecture is rebuilt and every layer resized to its stored tensors before the
@@ -24,7 +27,12 @@ strict load (:func:`m2mdc.arch.surgery.resize_to_state`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
 
 from m2mdc import peers
 from m2mdc.arch.zoo import apply_unfreeze
@@ -39,6 +47,7 @@ from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
 PEER = peers.NAME
+LATENCY_PEER = peers.LATENCY_NAME
 
 
 def student_epochs(ctx: Context) -> dict[str, int]:
@@ -114,14 +123,72 @@ register_stage(
 
 
 def run_peer(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    out = ctx.stage_dir(PEER)
+    """``peer.match: [macs]``: the peer at the inner_slice student's MACs."""
     target = read_json(ctx.run_dir / "slice" / "metrics.json")
-    size = int(target["input_size"])
+    size, target_macs = int(target["input_size"]), int(target["macs"])
     teacher = ctx.load_model("teacher")
-    ratio, macs, trials = peers.bisect_ratio(
-        teacher, int(target["macs"]), size, float(cfg.peer.mac_tolerance)
+    tolerance = float(ctx.cfg.peer.mac_tolerance)
+    ratio, macs, trials = peers.bisect_ratio(teacher, target_macs, size, tolerance)
+    match = {"macs": macs, "macs_error_pct": 100.0 * (macs / target_macs - 1.0)}
+    why = f"gives {macs:,} MACs (inner_slice: {target_macs:,})"
+    return train_peer(ctx, PEER, teacher, ratio, target, match, trials, why)
+
+
+def run_peer_latency(ctx: Context) -> dict[str, Any]:
+    """``peer.match: [latency]``: the peer at the inner_slice student's batch-1 latency,
+    timed interleaved with it on the run's device."""
+    cfg = ctx.cfg
+    target = read_json(ctx.run_dir / "slice" / "metrics.json")
+    size, target_macs = int(target["input_size"]), int(target["macs"])
+    teacher, student = ctx.load_model("teacher"), ctx.load_model("slice")
+    best, trials = peers.match_latency(
+        teacher,
+        student,
+        size,
+        tolerance=float(cfg.peer.latency_tolerance),
+        repeats=int(cfg.peer.latency_repeats),
+        device=str(ctx.device),
+        on_trial=lambda t: log.info(
+            f"{LATENCY_PEER}: ratio {t['ratio']:.4f}: {t['latency_ms']:.3g} ms against the "
+            f"student's {t['student_latency_ms']:.3g} ms ({t['latency_ratio']:.3f}x), "
+            f"{t['macs']:,} MACs"
+        ),
     )
+    macs = int(best["macs"])
+    match = {
+        "macs": macs,
+        "macs_error_pct": 100.0 * (macs / target_macs - 1.0),
+        "latency_ms": best["latency_ms"],
+        "student_latency_ms": best["student_latency_ms"],
+        "latency_ratio": best["latency_ratio"],
+        "latency_error_pct": 100.0 * (best["latency_ratio"] - 1.0),
+        "latency_threads": torch.get_num_threads(),
+        "latency_device": str(ctx.device),
+    }
+    why = (
+        f"runs at {best['latency_ms']:.3g} ms, {best['latency_ratio']:.3f}x the inner_slice "
+        f"student's {best['student_latency_ms']:.3g} ms (batch 1, {len(trials)} timed trials), "
+        f"with {macs:,} MACs (inner_slice: {target_macs:,})"
+    )
+    return train_peer(ctx, LATENCY_PEER, teacher, best["ratio"], target, match, trials, why)
+
+
+def train_peer(
+    ctx: Context,
+    name: str,
+    teacher: nn.Module,
+    ratio: float,
+    target: dict[str, Any],
+    match: dict[str, Any],
+    trials: list[dict[str, Any]],
+    why: str,
+) -> dict[str, Any]:
+    """Prune ``teacher`` at the uniform ``ratio`` with ``peer.importance``, recalibrate its
+    BatchNorm and train it for the students' post-pruning epochs: every peer alike, whatever
+    it was matched to (``match``: its matched quantities; ``trials``: its bisection)."""
+    cfg = ctx.cfg
+    out = ctx.stage_dir(name)
+    size = int(target["input_size"])
     grad_batches = None
     if cfg.peer.importance == "taylor":
         n = int(cfg.peer.taylor_batches)
@@ -136,9 +203,9 @@ def run_peer(ctx: Context) -> dict[str, Any]:
     top1_recal = evaluate(peer, test, cfg.perf)["top1"]
     budget = student_epochs(ctx)
     log.info(
-        f"{PEER}: uniform ratio {ratio:.4f} ({cfg.peer.importance}) gives {macs:,} MACs "
-        f"(inner_slice: {int(target['macs']):,}); top1 {top1_pruned:.2f}% -> {top1_recal:.2f}% "
-        f"after BN recalibration; training {plural(budget['total'], 'epoch')}"
+        f"{name}: uniform ratio {ratio:.4f} ({cfg.peer.importance}) {why}; top1 "
+        f"{top1_pruned:.2f}% -> {top1_recal:.2f}% after BN recalibration; training "
+        f"{plural(budget['total'], 'epoch')}"
     )
     terms = terms_from_config(cfg.peer)
     result = kd_repair(
@@ -156,6 +223,9 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         ),
         terms=terms,
         temperature=float(cfg.peer.temperature),
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint(name),
+        desc=name,
         feature_match="projection",  # only used if peer.terms reads features: no kept map
         val=ctx.val_batches(),
     )
@@ -169,8 +239,7 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         "ratio": ratio,
         "importance": str(cfg.peer.importance),
         "target_macs": int(target["macs"]),
-        "macs": macs,
-        "macs_error_pct": 100.0 * (macs / int(target["macs"]) - 1.0),
+        **match,
         "params": count_params(peer),
         "input_size": size,
         "bisection": trials,
@@ -181,9 +250,17 @@ def run_peer(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_trained(out, peer, metrics, {"stage": PEER, "top1": final, "ratio": ratio})
-    log.info(f"{PEER}: test top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
+    save_trained(out, peer, metrics, {"stage": name, "top1": final, "ratio": ratio})
+    log.info(f"{name}: test top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
     return metrics
+
+
+# what every peer's training reads (its match's own settings are in "peer" too)
+PEER_KEYS = ("peer", "kd.lr", "kd.lr_schedule", "kd.grad_clip", "prune.bn_recal_batches", "select")
+
+
+def _peer_enabled(match: str) -> Callable[[DictConfig], bool]:
+    return lambda cfg: "torch_pruning" in comparisons(cfg) and match in cfg.peer.match
 
 
 register_stage(
@@ -191,15 +268,18 @@ register_stage(
         name=PEER,
         command="compare",
         requires=("teacher", "slice"),
-        keys=(
-            "peer",
-            "kd.lr",
-            "kd.lr_schedule",
-            "kd.grad_clip",
-            "prune.bn_recal_batches",
-            "select",
-        ),
+        keys=PEER_KEYS,
         run=run_peer,
-        enabled=lambda cfg: "torch_pruning" in comparisons(cfg),
+        enabled=_peer_enabled("macs"),
+    )
+)
+register_stage(
+    Stage(
+        name=LATENCY_PEER,
+        command="compare",
+        requires=("teacher", "slice"),
+        keys=PEER_KEYS,
+        run=run_peer_latency,
+        enabled=_peer_enabled("latency"),
     )
 )
