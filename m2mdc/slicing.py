@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from m2mdc.arch import SlicePlan, get_adapter
 from m2mdc.errors import M2MError
+from m2mdc.fileio import read_json
 from m2mdc.scoring.channels import round_keep, select_channels
 
 Producers = list[tuple[nn.Conv2d, nn.BatchNorm2d]]
@@ -206,3 +208,32 @@ class ChannelDecay(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+# slice.name -> (slices the planes, slices the mid channels)
+POLICIES = {
+    "planes_mid": (True, True),
+    "planes": (True, False),
+    "mid": (False, True),
+    "none": (False, False),
+}
+
+
+def slice_fractions(cfg: Any, run_dir: Path) -> tuple[Any, Any]:
+    """(planes_keep, mid_keep) of the slice stage: None for a kind its policy does not slice;
+    the allocator's fractions (``prune/plan.json`` in ``run_dir``) when ``budget.macs`` is set."""
+    sc = cfg.slice
+    planes_keep, mid_keep = sc.planes_keep, sc.mid_keep
+    if cfg.budget.macs is not None:
+        choice = read_json(run_dir / "prune" / "plan.json")["budget"]["choice"]
+        planes_keep, mid_keep = float(choice["planes_keep"]), float(choice["mid_keep"])
+    do_planes, do_mid = POLICIES[sc.name]
+    return (planes_keep if do_planes else None), (mid_keep if do_mid else None)
+
+
+def slice_stages(cfg: Any, model: nn.Module) -> list[str]:
+    """The stages the slice stage cuts (none when its policy slices nothing)."""
+    sc = cfg.slice
+    if sc.name == "none":
+        return []
+    return get_adapter(model).plane_stages(model, include_first=bool(sc.include_first_stage))

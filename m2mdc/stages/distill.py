@@ -16,9 +16,8 @@ from m2mdc.distill.ig import overlay_batches
 from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import RepairExtras, kd_repair
 from m2mdc.distill.sparsity import Sparsity, sparsity_from_config
-from m2mdc.slicing import slice_groups
+from m2mdc.slicing import slice_fractions, slice_groups, slice_stages
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.stages.slice import slice_fractions, slice_stages
 from m2mdc.train.loop import TrainSpec
 from m2mdc.ui import log, plural
 
@@ -84,12 +83,12 @@ def _sparsity(ctx: Context, student: nn.Module) -> Sparsity | None:
     None while its weight is 0 (then no slicing setting is read)."""
     if float(ctx.cfg.kd.sparsity.weight) == 0:
         return None
-    planes_keep, mid_keep = slice_fractions(ctx)
+    planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
     groups = slice_groups(
         student,
         planes_keep,
         mid_keep,
-        stages=slice_stages(ctx, student),
+        stages=slice_stages(ctx.cfg, student),
         round_to=int(ctx.cfg.slice.round_to),
     )
     return sparsity_from_config(ctx.cfg.kd.sparsity, [g.producers for g in groups])

@@ -25,7 +25,16 @@ from m2mdc.distill.sparsity import sparsity_from_config
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.scoring.activations import collect_pooled
 from m2mdc.scoring.channels import SELECTORS, select_channels
-from m2mdc.slicing import ChannelDecay, Group, SelectFn, head_keep, plan_slice, slice_groups
+from m2mdc.slicing import (
+    ChannelDecay,
+    Group,
+    SelectFn,
+    head_keep,
+    plan_slice,
+    slice_fractions,
+    slice_groups,
+    slice_stages,
+)
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
 from m2mdc.train.loop import FitResult, TrainSpec, evaluate, recalibrate_bn
@@ -34,13 +43,6 @@ from m2mdc.ui import log
 # slice/metrics.json "cut": per step, the top1 right before it, right after the physical cut
 # (gradual: also at the end of the decay, just before the cut) and after BN recalibration
 CUT_KEYS = ("step", "stage", "top1_before", "top1_decayed", "top1_sliced", "top1_recal")
-
-POLICIES = {
-    "planes_mid": (True, True),
-    "planes": (True, False),
-    "mid": (False, True),
-    "none": (False, False),
-}
 
 
 def _selector(ctx: Context, model: nn.Module) -> SelectFn:
@@ -66,26 +68,6 @@ def _selector(ctx: Context, model: nn.Module) -> SelectFn:
         )
 
     return select
-
-
-def slice_fractions(ctx: Context) -> tuple[Any, Any]:
-    """(planes_keep, mid_keep) of the slice stage: None for a kind its policy does not slice;
-    the allocator's fractions (``prune/plan.json``) when ``budget.macs`` is set."""
-    sc = ctx.cfg.slice
-    planes_keep, mid_keep = sc.planes_keep, sc.mid_keep
-    if ctx.cfg.budget.macs is not None:
-        choice = read_json(ctx.run_dir / "prune" / "plan.json")["budget"]["choice"]
-        planes_keep, mid_keep = float(choice["planes_keep"]), float(choice["mid_keep"])
-    do_planes, do_mid = POLICIES[sc.name]
-    return (planes_keep if do_planes else None), (mid_keep if do_mid else None)
-
-
-def slice_stages(ctx: Context, model: nn.Module) -> list[str]:
-    """The stages the slice stage cuts (none when its policy slices nothing)."""
-    sc = ctx.cfg.slice
-    if sc.name == "none":
-        return []
-    return get_adapter(model).plane_stages(model, include_first=bool(sc.include_first_stage))
 
 
 @dataclass
@@ -186,7 +168,7 @@ def _decay_then_cut(
 
 def _sparsity(ctx: Context, model: nn.Module, stages: list[str]) -> RepairExtras | None:
     """``kd.sparsity`` on the groups a slicing step over ``stages`` will rank; None when off."""
-    planes_keep, mid_keep = slice_fractions(ctx)
+    planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
     groups = slice_groups(
         model, planes_keep, mid_keep, stages=stages, round_to=int(ctx.cfg.slice.round_to)
     )
@@ -215,10 +197,10 @@ def run(ctx: Context) -> dict[str, Any]:
     teacher = ctx.load_model("teacher")
     student = ctx.load_model("distill")
     adapter = get_adapter(student)
-    planes_keep, mid_keep = slice_fractions(ctx)
+    planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
     train, test = ctx.train_batches(), ctx.test_batches()
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
-    stages = slice_stages(ctx, student)
+    stages = slice_stages(ctx.cfg, student)
     kd_train = train
     if int(sc.repair_epochs) > 0 and stages:
         kd_train = overlay_batches(
