@@ -56,6 +56,9 @@ class Stage:
     cacheable: bool = False
     enabled: Callable[[DictConfig], bool] | None = None
     derived: bool = False
+    # settings inside ``keys`` that do not change this stage's outputs (e.g. another stage's
+    # settings in a shared section): left out of its fingerprint
+    ignore: tuple[str, ...] = ()
 
     def is_enabled(self, cfg: DictConfig) -> bool:
         return self.enabled is None or self.enabled(cfg)
@@ -78,9 +81,6 @@ NEUTRAL: dict[str, Any] = {
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size
     "dataset.bad_files": "error",
-    "peer.match": ["macs"],  # the peer matched to the student's MACs only
-    "peer.latency_tolerance": 0.05,  # read by the latency-matched peer only
-    "peer.latency_repeats": 100,
 }
 
 
@@ -108,6 +108,10 @@ class Context:
     def stage_config(self, name: str) -> dict[str, Any]:
         st = STAGES[name]
         config = {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
+        for path in st.ignore:
+            section, _, leaf = path.rpartition(".")
+            if isinstance(config.get(section), dict):
+                config[section] = {k: v for k, v in config[section].items() if k != leaf}
         return _drop_neutral(config)
 
     def fingerprint(self, name: str) -> str:

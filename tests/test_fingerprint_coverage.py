@@ -137,7 +137,12 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, reads: Reads, monkeypatch) -> d
                 ctx.fingerprint(name)
             with reads.tracking() as run_keys:
                 metrics = run(ctx)
-            uncovered[name] = {k for k in run_keys if not _covered(k, fp_keys)}
+            ignored = set(STAGES[name].ignore)  # left out of the fingerprint on purpose
+            uncovered[name] = {
+                k
+                for k in run_keys
+                if not _covered(k, fp_keys) or any(k == i or k.startswith(i + ".") for i in ignored)
+            }
             return metrics
 
         return _run

@@ -130,6 +130,8 @@ def test_peer_match_defaults_keep_the_mac_peers_fingerprint(compose_cfg, tmp_pat
     latency = fingerprint(compose_cfg(*both), peers.LATENCY_NAME)
     looser = compose_cfg(*both, "peer.latency_tolerance=0.1")
     assert fingerprint(looser, peers.LATENCY_NAME) != latency
+    # and adding the latency peer to a finished run leaves the MAC peer's outputs valid
+    assert fingerprint(compose_cfg(*both)) == fingerprint(looser) == fingerprint(cfg)
 
 
 def test_peer_match_is_validated(compose_cfg):

@@ -269,6 +269,7 @@ register_stage(
         command="compare",
         requires=("teacher", "slice"),
         keys=PEER_KEYS,
+        ignore=("peer.match", "peer.latency_tolerance", "peer.latency_repeats"),
         run=run_peer,
         enabled=_peer_enabled("macs"),
     )
@@ -279,6 +280,7 @@ register_stage(
         command="compare",
         requires=("teacher", "slice"),
         keys=PEER_KEYS,
+        ignore=("peer.match", "peer.mac_tolerance"),
         run=run_peer_latency,
         enabled=_peer_enabled("latency"),
     )
