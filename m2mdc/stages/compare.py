@@ -218,14 +218,11 @@ def train_peer(
             "kd",
             epochs=budget["total"],
             state_path=out / "state.pt",
-            fingerprint=ctx.fingerprint(PEER),
-            desc=PEER,
+            fingerprint=ctx.fingerprint(name),
+            desc=name,
         ),
         terms=terms,
         temperature=float(cfg.peer.temperature),
-        state_path=out / "state.pt",
-        fingerprint=ctx.fingerprint(name),
-        desc=name,
         feature_match="projection",  # only used if peer.terms reads features: no kept map
         val=ctx.val_batches(),
     )
