@@ -56,7 +56,7 @@ SUMMARY_KEYS = {"model": "model.name", "dataset": "dataset.name", "experiment": 
 DISPLAY = {"teacher": "Teacher", "block_pruned": "Block-pruned", "block_kd": "Block-KD",
            "inner_slice": "Inner-slice", "teacher_same_epochs": "Teacher (same epochs)",
            "peer_torch_pruning": "Torch-Pruning peer"}  # fmt: skip
-KD_KEYS = ("test_top1", "train_top1", "ce", "logit_align", "feat_align", "alpha", "beta")
+KD_KEYS = ("top1", "train_top1", "ce", "logit_align", "feat_align", "alpha", "beta")
 CHANGE_NOTE = (
     "100 x (row / teacher - 1) of the mean params or MACs over seeds: negative = fewer than "
     "the teacher (-52.8% is 52.8% fewer). summary.json, the run's console summary and this "
@@ -268,11 +268,17 @@ def _aggregate_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
+def split_name(split: str) -> str:
+    """How a report names the split a run's top1 was measured on (summary ``top1_split``)."""
+    return {"test": "test", "val": "validation"}.get(split, split)
+
+
 def _kd_curve(runs: list[Run]) -> list[dict[str, Any]]:
     by_epoch: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
-        for e in r.kd_epochs:
-            by_epoch.setdefault(int(e["epoch"]), []).append(e)
+        for e in r.kd_epochs:  # top1: the reporting split's (test, or val without one)
+            top1 = e.get("test_top1", e.get("val_top1"))
+            by_epoch.setdefault(int(e["epoch"]), []).append({**e, "top1": top1})
     return [
         {"epoch": ep, "n": len(es), **{k: mean_std(e.get(k) for e in es)[0] for k in KD_KEYS}}
         for ep, es in sorted(by_epoch.items())
@@ -309,6 +315,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "dataset": first.meta.get("dataset", cfg.get("dataset.name")),
                 "num_classes": first.meta.get("num_classes"),
                 "input_size": first.meta.get("input_size"),
+                "split": split_name(first.meta.get("top1_split", "test")),
                 "seeds": [r.seed for r in members],
                 "runs": [
                     {
@@ -620,7 +627,7 @@ def _group_md(g: dict[str, Any]) -> list[str]:
         + (f", **{n_bad} unverified**)" if n_bad else ")"),
         "",
         *_duplicate_seed_note(g["seeds"]),
-        "### Top-1 per seed (%)",
+        f"### Top-1 per seed (%, {g['split']} split)",
         "",
         *_md(*seed_table(g)),
         "### Compute and parameters (means over seeds)",
@@ -691,7 +698,7 @@ def write_report(
         },
     )
     for g in groups:
-        console.print(table(f"{g['id']}: {g['label']} (top-1 %)", *seed_table(g)))
+        console.print(table(f"{g['id']}: {g['label']} ({g['split']} top-1 %)", *seed_table(g)))
         console.print(table(f"{g['id']}: compute (means over seeds)", *compute_table(g)))
     console.print(f"change vs teacher: {CHANGE_NOTE}")
     files = [f"{name}.md", f"{name}.csv", f"{name}.json", *plots.values()]

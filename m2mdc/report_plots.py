@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 # Row types keep their marker across reports; rows this table does not know get the rest.
 _MARKERS = {"teacher": "s", "block_pruned": "v", "block_kd": "o", "inner_slice": "^"}
 _SPARE_MARKERS = ("D", "P", "X", "*", "h", "p", "<", ">")
-_KD_PANELS = (("test_top1", "test top-1 (%)"), ("ce", "CE"),
+_KD_PANELS = (("top1", "{split} top-1 (%)"), ("ce", "CE"),
               ("logit_align", "logit alignment (1 − cos)"),
               ("feat_align", "feature alignment (1 − cos)"))  # fmt: skip
 
@@ -83,7 +83,8 @@ def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) ->
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # sweeps over input sizes
         ax.set_xscale("log")
     ax.set_xlabel("GMacs (convolutions + linear, one image at the run's input size)")
-    ax.set_ylabel("top-1 (%), mean ± sample std over seeds")
+    split = "/".join(sorted({str(g.get("split", "test")) for g in groups}))
+    ax.set_ylabel(f"{split} top-1 (%), mean ± sample std over seeds")
     ax.set_title("Accuracy vs compute (step line: Pareto frontier per series)")
     ax.grid(alpha=0.3)
     ax.margins(0.08)
@@ -113,7 +114,8 @@ def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) ->
 
 
 def kd_curves_png(groups: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """Per-epoch test top-1 and KD terms (means over seeds) of every group's distill stage.
+    """Per-epoch top-1 (on each run's reporting split) and KD terms (means over seeds) of
+    every group's distill stage.
 
     Returns:
         PNG bytes, or None when no run has a ``distill/metrics.json`` history.
@@ -130,8 +132,9 @@ def kd_curves_png(groups: Sequence[Mapping[str, Any]]) -> bytes | None:
             pts = [(x, y) for x, y in zip(epochs, ys, strict=True) if y is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=colour, label=g["label"])
+    split = "/".join(sorted({str(g.get("split", "test")) for g in with_kd}))
     for ax, (_, title) in zip(axes, _KD_PANELS, strict=True):
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title.format(split=split), fontsize=10)
         ax.set_xlabel("KD epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

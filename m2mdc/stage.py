@@ -20,7 +20,13 @@ from torch import nn
 
 from m2mdc.artifacts import load_checkpoint, read_json
 from m2mdc.config import to_plain
-from m2mdc.data.datasets import ImageData, load_split, load_train_val, val_fraction
+from m2mdc.data.datasets import (
+    ImageData,
+    has_test_split,
+    load_split,
+    load_train_val,
+    val_fraction,
+)
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.rows import finished_models
@@ -170,11 +176,24 @@ class Context:
         ds = self.cfg.dataset
         if not val_fraction(ds):
             return None
-        return Batches(self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device)
+        return Batches(
+            self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device, split="val"
+        )
 
-    def test_batches(self) -> Batches:
+    @cached_property
+    def eval_split(self) -> str:
+        """The split every stage reports its accuracy on: ``test``, or ``val`` for an image
+        tree without a test folder (the validation split then stands in for it, and every
+        metric says so)."""
+        return "test" if has_test_split(self.cfg.dataset) else "val"
+
+    def eval_batches(self) -> Batches:
+        """The reporting split (:attr:`eval_split`) in evaluation batches."""
         ds = self.cfg.dataset
-        return Batches(self.data("test"), ds.eval_batch_size, ds.image_size, device=self.device)
+        split = self.eval_split
+        return Batches(
+            self.data(split), ds.eval_batch_size, ds.image_size, device=self.device, split=split
+        )
 
     # -- models ------------------------------------------------------------------------------
     def model_fingerprints(self) -> dict[str, str | None]:

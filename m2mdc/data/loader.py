@@ -201,6 +201,8 @@ class Batches:
         seed: base seed of the order and flips.
         device: where batches are produced; the uint8 data is moved there once.
         order: a fixed index order to use instead (the probe set); implies no shuffling.
+        split: the split's name in metrics and logs (``test``, ``val``, ...): a training loop
+            records its evaluation of these batches as ``<split>_top1``.
 
     :meth:`with_overlay` returns a copy that overlays per-example maps (see :class:`Overlay`).
     """
@@ -215,7 +217,9 @@ class Batches:
         seed: int = 0,
         device: torch.device | str = "cpu",
         order: torch.Tensor | None = None,
+        split: str = "test",
     ) -> None:
+        self.split = split
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)

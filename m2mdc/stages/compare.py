@@ -42,7 +42,7 @@ from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.profiling import count_params
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, recalibrate_bn
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, recalibrate_bn, reported_top1
 from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
@@ -75,7 +75,7 @@ def run(ctx: Context) -> dict[str, Any]:
         model,
         model.parameters(),
         ctx.train_batches(),
-        ctx.test_batches(),
+        ctx.eval_batches(),
         TrainSpec.of(
             cfg,
             "teacher",
@@ -91,9 +91,10 @@ def run(ctx: Context) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(True)
     selected = result.selected_row()
-    final = selected["test_top1"] if selected else start["top1"]
+    final = reported_top1(selected) if selected else start["top1"]
     metrics = {
         "top1": final,
+        "top1_split": ctx.eval_split,
         "top1_start": start["top1"],
         **result.selection(),
         "extra_epochs": epochs,
@@ -105,7 +106,8 @@ def run(ctx: Context) -> dict[str, Any]:
     }
     save_trained(out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)})
     log.info(
-        f"{NAME}: test top1 {start['top1']:.2f}% -> {final:.2f}% after {plural(epochs, 'epoch')}"
+        f"{NAME}: {ctx.eval_split} top1 {start['top1']:.2f}% -> {final:.2f}% "
+        f"after {plural(epochs, 'epoch')}"
     )
     return metrics
 
@@ -197,7 +199,7 @@ def train_peer(
     arch: dict[str, Any] = peer.m2mdc_arch  # type: ignore[assignment]  # the copy's own dict
     arch["resized_by"] = "torch_pruning"
     peer.to(ctx.device)
-    test = ctx.test_batches()
+    test = ctx.eval_batches()
     top1_pruned = evaluate(peer, test, cfg.perf)["top1"]
     recalibrate_bn(peer, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
     top1_recal = evaluate(peer, test, cfg.perf)["top1"]
@@ -227,10 +229,11 @@ def train_peer(
         val=ctx.val_batches(),
     )
     selected = result.selected_row()
-    final = selected["test_top1"] if selected else top1_recal
+    final = reported_top1(selected) if selected else top1_recal
     peer.cpu()
     metrics = {
         "top1": final,
+        "top1_split": ctx.eval_split,
         "top1_pruned": top1_pruned,
         "top1_recal": top1_recal,
         "ratio": ratio,
@@ -248,7 +251,7 @@ def train_peer(
         "resumed_from_epoch": result.resumed_from,
     }
     save_trained(out, peer, metrics, {"stage": name, "top1": final, "ratio": ratio})
-    log.info(f"{name}: test top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
+    log.info(f"{name}: {ctx.eval_split} top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
     return metrics
 
 

@@ -18,7 +18,7 @@ from m2mdc.distill.repair import RepairExtras, kd_repair
 from m2mdc.distill.sparsity import Sparsity, sparsity_from_config
 from m2mdc.slicing import slice_fractions, slice_groups, slice_stages
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import TrainSpec
+from m2mdc.train.loop import TrainSpec, reported_top1
 from m2mdc.ui import log, plural
 
 
@@ -45,7 +45,7 @@ def run(ctx: Context) -> dict[str, Any]:
         student,
         teacher,
         train,
-        ctx.test_batches(),
+        ctx.eval_batches(),
         TrainSpec.of(
             cfg,
             "kd",
@@ -61,9 +61,10 @@ def run(ctx: Context) -> dict[str, Any]:
         extras=None if penalty is None else RepairExtras(sparsity=penalty),
     )
     selected = result.selected_row()
-    final = selected["test_top1"] if selected else start
+    final = reported_top1(selected) if selected else start
     metrics = {
         "top1": final,
+        "top1_split": ctx.eval_split,
         "top1_start": start,
         **result.selection(),
         "kd": kd.name,

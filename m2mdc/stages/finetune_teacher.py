@@ -22,7 +22,7 @@ from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.errors import M2MError
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit
+from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, reported_top1
 from m2mdc.ui import log, plural
 
 
@@ -98,7 +98,7 @@ def run(ctx: Context) -> dict[str, Any]:
     model, source = start.model, start.source
     out = ctx.stage_dir("teacher")
     model.to(ctx.device)
-    test = ctx.test_batches()
+    test = ctx.eval_batches()
     if (
         cfg.teacher.unfreeze == "last_third"
         and not cfg.model.pretrained
@@ -138,9 +138,10 @@ def run(ctx: Context) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(True)
     selected = result.selected_row()
-    final = selected["test_top1"] if selected else evaluate(model, test, cfg.perf)["top1"]
+    final = reported_top1(selected) if selected else evaluate(model, test, cfg.perf)["top1"]
     metrics = {
         "top1": final,
+        "top1_split": ctx.eval_split,
         **result.selection(),
         "epochs": result.history,
         "source": source,
@@ -156,7 +157,7 @@ def run(ctx: Context) -> dict[str, Any]:
         metrics,
         {"stage": "teacher", "top1": final, "seed": int(cfg.seed), "source": source},
     )
-    log.info(f"teacher: test top1 {final:.2f}%")
+    log.info(f"teacher: {ctx.eval_split} top1 {final:.2f}%")
     return metrics
 
 

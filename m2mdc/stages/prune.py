@@ -50,7 +50,7 @@ def run(ctx: Context) -> dict[str, Any]:
         keep = keep_cfg_from_removals(blocks, removed)
         student = adapter.keep(teacher, keep)
         source = f"lowest {scores_doc['method']} scores"
-    test = ctx.test_batches()
+    test = ctx.eval_batches()
     before = evaluate(student, test, cfg.perf)["top1"]
     used = recalibrate_bn(student, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
     after = evaluate(student, test, cfg.perf)["top1"]
@@ -72,6 +72,7 @@ def run(ctx: Context) -> dict[str, Any]:
     out = ctx.stage_dir("prune")
     metrics = {
         "top1": after,
+        "top1_split": ctx.eval_split,
         "top1_teacher": teacher_top1,
         "top1_before_recal": before,
         "top1_after_recal": after,

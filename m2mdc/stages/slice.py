@@ -37,7 +37,7 @@ from m2mdc.slicing import (
 )
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
-from m2mdc.train.loop import FitResult, TrainSpec, evaluate, recalibrate_bn
+from m2mdc.train.loop import FitResult, TrainSpec, evaluate, recalibrate_bn, reported_top1
 from m2mdc.ui import log
 
 # slice/metrics.json "cut": per step, the top1 right before it, right after the physical cut
@@ -138,7 +138,7 @@ def _cut_then_repair(
     extras = _sparsity(su.ctx, student, later)
     result = _repair(su, student, n, stage, epochs, feat_index, extras)
     selected = result.selected_row()
-    row["top1_repaired"] = selected["test_top1"] if selected else row["top1_recal"]
+    row["top1_repaired"] = reported_top1(selected) if selected else row["top1_recal"]
     return student, row, result
 
 
@@ -198,7 +198,7 @@ def run(ctx: Context) -> dict[str, Any]:
     student = ctx.load_model("distill")
     adapter = get_adapter(student)
     planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
-    train, test = ctx.train_batches(), ctx.test_batches()
+    train, test = ctx.train_batches(), ctx.eval_batches()
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
     stages = slice_stages(ctx.cfg, student)
     kd_train = train
@@ -284,6 +284,7 @@ def run(ctx: Context) -> dict[str, Any]:
     final = steps[-1]["top1_repaired"] if steps else start_top1
     metrics = {
         "top1": final,
+        "top1_split": ctx.eval_split,
         "top1_start": start_top1,
         "policy": sc.name,
         "selector": sc.selector,

@@ -51,8 +51,10 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
     size = int(config["profile"].get("input_size") or config["dataset"]["image_size"])
     columns = _compute_columns(ctx, models, size)
     rows: list[dict[str, Any]] = []
+    splits: set[str] = set()
     for name, stage in models.items():
         m = read_json(ctx.run_dir / stage / "metrics.json")
+        splits.add(m.get("top1_split", "test"))
         p = columns[name]
         rows.append(
             {"model": name, "top1": m["top1"], **{k: p.get(k) for k in SUMMARY_COLUMNS[1:]}}
@@ -70,6 +72,9 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
         "dataset": config["dataset"]["name"],
         "num_classes": _num_classes(ctx),
         "input_size": size,
+        # the split every row's top1 was measured on: "test", or "val" for a dataset without a
+        # test split (the validation split stands in for it)
+        "top1_split": "/".join(sorted(splits)),
         "seed": int(config["seed"]),
         "experiment": config["experiment_name"],
         "prune_ratio": float(config["prune"]["ratio"]),
@@ -92,5 +97,5 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
         "macs_reduction_pct",
         "latency_ms",
     ]
-    console.print(table(f"summary: {ctx.run_dir}", cols, rows))
+    console.print(table(f"summary ({summary['top1_split']} top1): {ctx.run_dir}", cols, rows))
     return summary

@@ -153,12 +153,18 @@ class FitResult:
         row, last = self.selected_row(), self.history[-1] if self.history else None
         return {
             "selected_epoch": self.selected,
-            "selected_test_top1": row["test_top1"] if row else None,
+            "selected_test_top1": row.get("test_top1") if row else None,
             "selected_val_top1": row.get("val_top1") if row else None,
             "last_epoch": len(self.history),
-            "last_test_top1": last["test_top1"] if last else None,
+            "last_test_top1": last.get("test_top1") if last else None,
             "last_val_top1": last.get("val_top1") if last else None,
         }
+
+
+def reported_top1(row: dict[str, Any]) -> float:
+    """A history row's top1 on the reporting split: the test split's, or the validation
+    split's when the dataset has no test split (the row then has no ``test_top1``)."""
+    return float(row["test_top1"] if "test_top1" in row else row["val_top1"])
 
 
 class StopFlag:
@@ -283,7 +289,9 @@ class TrainSpec:
             its schedule depends on it.
         select: ``last`` keeps the last epoch's weights; ``best_val`` returns the model with
             the weights of the epoch with the highest validation top1 (the earliest on ties).
-            The test split is evaluated every epoch for reporting only, never for selection.
+            The reporting split (``test``, named by its :class:`Batches`) is evaluated every
+            epoch for reporting only, never for selection; when it is the validation split
+            itself (a dataset without a test split) it is measured once, as ``val_top1``.
         perf: the ``perf`` config section (:mod:`m2mdc.train.perf`): channels_last inputs and
             weights, autocast around the loss (with a gradient scaler for fp16), and a compiled
             model handed to the loss. None = plain float32.
@@ -381,10 +389,11 @@ def fit(
         for epoch in range(run.start, spec.epochs + 1):
             sums = run.train_epoch(epoch, bar, stop)
             row = run.end_epoch(epoch, sums, test, val)
-            bar.update(ep_task, completed=epoch, info=f"test top1 {row['test_top1']:.2f}%")
+            top1 = f"{test.split} top1 {reported_top1(row):.2f}%"
+            bar.update(ep_task, completed=epoch, info=top1)
             log.info(
                 f"{spec.desc}: epoch {epoch}/{spec.epochs} train loss {row['train_loss']:.4f} "
-                f"train top1 {row['train_top1']:.2f}% test top1 {row['test_top1']:.2f}%"
+                f"train top1 {row['train_top1']:.2f}% {top1}"
             )
             if stop.signum is not None and epoch < spec.epochs:
                 raise Interrupted(
@@ -627,8 +636,9 @@ class _Run:
         if val is not None:
             ev = evaluate(self.model, val, self.pf)
             row["val_top1"], row["val_loss"] = ev["top1"], ev["loss"]
-        ev = evaluate(self.model, test, self.pf)
-        row["test_top1"], row["test_loss"] = ev["top1"], ev["loss"]
+        if test.split != "val" or val is None:  # the validation split reported: measured once
+            ev = evaluate(self.model, test, self.pf)
+            row[f"{test.split}_top1"], row[f"{test.split}_loss"] = ev["top1"], ev["loss"]
         self.result.history.append(row)
         if self.spec.select == "best_val" and (
             self.best is None or row["val_top1"] > self.best["val_top1"]
