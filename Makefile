@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the quickstart experiment: teacher, scores, pruned + distilled student, profile
 	$(BIN)/m2mdc run experiment=quickstart hydra.run.dir=outputs/demo force=true
 
+# one pytest worker per core (-n auto), a test file per worker at a time (--dist loadfile: a
+# file's module fixtures, e.g. one trained run, are built once); every test runs torch on one
+# thread (tests/conftest.py), so the workers do not contend
 test: $(STAMP)  ## the full test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check m2mdc tests scripts

@@ -28,6 +28,7 @@ from m2mdc.report_paper import PAPER, paper_comparison
 from m2mdc.report_paper import ROWS as _ROWS
 from m2mdc.report_paper import change_pct as _change
 from m2mdc.report_paper import scaled as _scaled
+from m2mdc.rows import DISPLAY, ROWS, STUDENT_ROWS
 
 # Settings that never change a run's numbers, so runs differing only in them share a group.
 # Besides the seed (which is what a group averages over): how the run was started (command,
@@ -53,9 +54,6 @@ CONFIG_SOURCES = {
 SUMMARY_KEYS = {"model": "model.name", "dataset": "dataset.name", "experiment": "experiment_name",
                 "prune_ratio": "prune.ratio", "num_classes": "dataset.num_classes",
                 "input_size": "profile.input_size"}  # fmt: skip
-DISPLAY = {"teacher": "Teacher", "block_pruned": "Block-pruned", "block_kd": "Block-KD",
-           "inner_slice": "Inner-slice", "teacher_same_epochs": "Teacher (same epochs)",
-           "peer_torch_pruning": "Torch-Pruning peer"}  # fmt: skip
 KD_KEYS = ("top1", "train_top1", "ce", "logit_align", "feat_align", "alpha", "beta")
 CHANGE_NOTE = (
     "100 x (row / teacher - 1) of the mean params or MACs over seeds: negative = fewer than "
@@ -273,6 +271,46 @@ def split_name(split: str) -> str:
     return {"test": "test", "val": "validation"}.get(split, split)
 
 
+def margins(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The final student's top1 minus each comparison's, paired per seed (the runs where both
+    rows exist), with the student's MACs and latency over the comparison's (means): at equal
+    MACs, at equal latency (the two Torch-Pruning peers) and at equal epochs (the teacher).
+
+    The final student is the last student row a run has (inner_slice, else block_kd, ...).
+    """
+    out = []
+    comparisons = [r.name for r in ROWS if r.kind == "comparison"]
+    for against in comparisons:
+        pairs = []
+        for run in runs:
+            student = next((n for n in reversed(STUDENT_ROWS) if n in run.rows), None)
+            if student is not None and against in run.rows:
+                pairs.append((student, run.rows[student], run.rows[against]))
+        if not pairs:
+            continue
+        diff = mean_std(
+            None if s.get("top1") is None or c.get("top1") is None else s["top1"] - c["top1"]
+            for _, s, c in pairs
+        )
+
+        def ratio(key: str, pairs: list = pairs) -> float | None:
+            num, den = (mean_std(p[i].get(key) for p in pairs)[0] for i in (1, 2))
+            return None if num is None or not den else num / den
+
+        out.append(
+            {
+                "student": pairs[0][0],
+                "against": against,
+                "n": len(pairs),
+                "margin_mean": diff[0],
+                "margin_std": diff[1],
+                "macs_ratio": ratio("macs"),
+                "latency_ratio": ratio("latency_ms"),
+            }
+        )
+    return out
+
+
 def _kd_curve(runs: list[Run]) -> list[dict[str, Any]]:
     by_epoch: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
@@ -332,6 +370,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
                     None if r.blocks_removed is None else len(r.blocks_removed) for r in members
                 ],
                 "rows": _aggregate_rows(members),
+                "margins": margins(members),
                 "kd_curve": _kd_curve(members),
                 "config": cfg,
             }
@@ -362,10 +401,11 @@ def _mark_pareto(groups: list[dict[str, Any]]) -> None:
     # Frontier per series (architecture, dataset, input size): only those are comparable.
     for s in {_series(g) for g in groups}:
         rows = [r for g in groups if _series(g) == s for r in g["rows"]]
-        usable = [r for r in rows if r["macs_mean"] is not None and r["top1_mean"] is not None]
-        front = pareto_frontier([(r["macs_mean"], r["top1_mean"]) for r in usable])
-        for i, r in enumerate(usable):
-            r["pareto"] = i in front
+        for cost, flag in (("macs_mean", "pareto"), ("latency_ms_mean", "pareto_latency")):
+            usable = [r for r in rows if r[cost] is not None and r["top1_mean"] is not None]
+            front = pareto_frontier([(r[cost], r["top1_mean"]) for r in usable])
+            for i, r in enumerate(usable):
+                r[flag] = i in front
 
 
 def main(argv: Sequence[str]) -> int:
@@ -440,8 +480,8 @@ def _f(v: float | None, nd: int = 2, sign: bool = False) -> str:
     return f"{(v if round(v, nd) else 0.0):{'+' if sign else ''}.{nd}f}"  # never "-0.00"
 
 
-def _pm(mean: float | None, std: float | None) -> str:
-    return f"{_f(mean)} ± {'n/a' if std is None else _f(std)}"
+def _pm(mean: float | None, std: float | None, sign: bool = False) -> str:
+    return f"{_f(mean, sign=sign)} ± {'n/a' if std is None else _f(std)}"
 
 
 def _pct(v: float | None) -> str:
@@ -580,6 +620,39 @@ def _provenance(groups: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+MARGIN_NOTE = {
+    "peer_torch_pruning": "equal MACs",
+    "peer_torch_pruning_latency": "equal latency",
+    "teacher_same_epochs": "equal epochs",
+}
+
+
+def _margins_md(g: dict[str, Any]) -> list[str]:
+    """The final student against each comparison (:func:`margins`), when the group has any."""
+    if not g.get("margins"):
+        return []
+    head = ["Student", "Against", "At", "Seeds", "Margin (points)", "MACs ratio", "Latency ratio"]
+    body = [
+        [
+            _name(m["student"]),
+            _name(m["against"]),
+            MARGIN_NOTE.get(m["against"], ""),
+            str(m["n"]),
+            _pm(m["margin_mean"], m["margin_std"], sign=True),
+            _f(m["macs_ratio"], 3),
+            _f(m["latency_ratio"], 3),
+        ]
+        for m in g["margins"]
+    ]
+    return [
+        "### Margins (student top-1 minus the comparison's, paired per seed)",
+        "",
+        "Ratios: the student's mean MACs and batch-1 latency over the comparison's.",
+        "",
+        *_md(head, body),
+    ]
+
+
 def _paper_md(g: dict[str, Any]) -> list[str]:
     """The "Beside the paper" section, with what differs from the paper's run; or one line
     saying why the paper's values are not shown (another dataset)."""
@@ -633,6 +706,7 @@ def _group_md(g: dict[str, Any]) -> list[str]:
         "### Compute and parameters (means over seeds)",
         "",
         *_md(*compute_table(g)),
+        *_margins_md(g),
         *_paper_md(g),
         "<details><summary>runs</summary>",
         "",
@@ -677,7 +751,11 @@ def write_report(
 
     prefix = "" if name == "report" else f"{name}_"  # two reports in one directory keep apart
     plots = {}
-    for key, png in (("pareto", pareto_png(groups, DISPLAY)), ("kd_curves", kd_curves_png(groups))):
+    for key, png in (
+        ("pareto", pareto_png(groups, DISPLAY)),
+        ("pareto_latency", pareto_png(groups, DISPLAY, cost="latency")),
+        ("kd_curves", kd_curves_png(groups)),
+    ):
         if png is not None:
             atomic_write_bytes(out / f"{prefix}{key}.png", png)
             plots[key] = f"{prefix}{key}.png"

@@ -38,17 +38,31 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> bytes | None:
-    """Top-1 (mean, error bar = sample std) vs GMacs; colour per series, marker per row type.
+# cost axis -> (row key, unit divisor, axis label, frontier flag set by the report, title)
+COSTS = {
+    "macs": ("macs_mean", 1e9, "GMacs (convolutions + linear, one image at the run's input size)",
+             "pareto", "Accuracy vs compute"),
+    "latency": ("latency_ms_mean", 1.0, "batch-1 latency (ms, measured by m2mdc profile)",
+                "pareto_latency", "Accuracy vs latency"),
+}  # fmt: skip
+
+
+def pareto_png(
+    groups: Sequence[Mapping[str, Any]], names: Mapping[str, str], cost: str = "macs"
+) -> bytes | None:
+    """Top-1 (mean, error bar = sample std) vs a cost (:data:`COSTS`: GMacs, or batch-1
+    latency); colour per series, marker per row type.
 
     Args:
-        groups: aggregated groups (``series``, ``rows`` with ``macs_mean``, ``top1_mean``,
-            ``top1_std`` and the ``pareto`` flag set by the aggregation).
+        groups: aggregated groups (``series``, ``rows`` with the cost's mean, ``top1_mean``,
+            ``top1_std`` and the cost's frontier flag set by the aggregation).
         names: display names of row types.
+        cost: ``macs`` or ``latency``.
 
     Returns:
-        PNG bytes, or None when no row has both accuracy and MACs.
+        PNG bytes, or None when no row has both accuracy and the cost.
     """
+    key, unit, xlabel, flag, title = COSTS[cost]
     series = list(dict.fromkeys(g["series"] for g in groups))
     kinds = list(dict.fromkeys(r["model"] for g in groups for r in g["rows"]))
     spare = iter(_SPARE_MARKERS * 4)
@@ -58,9 +72,9 @@ def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) ->
     xs_all: list[float] = []
     for s, colour in zip(series, _colours(len(series)), strict=True):
         rows = [r for g in groups if g["series"] == s for r in g["rows"]]
-        rows = [r for r in rows if r["macs_mean"] is not None and r["top1_mean"] is not None]
+        rows = [r for r in rows if r.get(key) is not None and r["top1_mean"] is not None]
         for r in rows:
-            x = r["macs_mean"] / 1e9
+            x = r[key] / unit
             xs_all.append(x)
             ax.errorbar(
                 [x],
@@ -72,20 +86,20 @@ def pareto_png(groups: Sequence[Mapping[str, Any]], names: Mapping[str, str]) ->
                 capsize=3,
                 alpha=0.85,
                 linestyle="none",
-                mec="black" if r.get("pareto") else colour,
+                mec="black" if r.get(flag) else colour,
             )
-        front = sorted((r["macs_mean"] / 1e9, r["top1_mean"]) for r in rows if r.get("pareto"))
+        front = sorted((r[key] / unit, r["top1_mean"]) for r in rows if r.get(flag))
         if front:
-            # post-steps: the best accuracy reachable with at most x GMacs
+            # post-steps: the best accuracy reachable at a cost of at most x
             ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.3, alpha=0.7)
     if not xs_all:
         return None
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # sweeps over input sizes
         ax.set_xscale("log")
-    ax.set_xlabel("GMacs (convolutions + linear, one image at the run's input size)")
+    ax.set_xlabel(xlabel)
     split = "/".join(sorted({str(g.get("split", "test")) for g in groups}))
     ax.set_ylabel(f"{split} top-1 (%), mean ± sample std over seeds")
-    ax.set_title("Accuracy vs compute (step line: Pareto frontier per series)")
+    ax.set_title(f"{title} (step line: Pareto frontier per series)")
     ax.grid(alpha=0.3)
     ax.margins(0.08)
     # legends outside the axes: points sit in every corner of a sweep

@@ -14,8 +14,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = ROOT.parent / "shared" / "data" / "cifar10-subset.zip"
 
-# tiny models: thread start-up costs more than it saves, and the machine is shared
+# tiny models: thread start-up costs more than it saves, and the machine is shared by one
+# pytest worker per core (make test: -n auto); the m2mdc subprocesses (run_cli) inherit the
+# environment and use one thread too
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

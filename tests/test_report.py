@@ -48,6 +48,7 @@ def write_run(
     num_classes: int = 100,
     input_size: int = 32,
     removed: list[str] | None = None,
+    latency: dict[str, float] | None = None,
 ) -> Path:
     """A run directory as the pipeline leaves it; the summary's *_pct fields are bogus (999)
     so a test notices if the report used them instead of recomputing from the means.
@@ -63,7 +64,7 @@ def write_run(
             "params": p,
             "macs": m,
             "conv_macs": m - 5000,
-            "latency_ms": 10.0,
+            "latency_ms": (latency or {}).get(n, 10.0),
             "params_reduction_pct": 999.0,
             "macs_reduction_pct": 999.0,
         }
@@ -271,7 +272,7 @@ def test_csv_and_json_written(report_dir: Path):
     assert len(data["groups"]) == 3 and "seed" in data["ignored_keys"]
     curve = data["groups"][1]["kd_curve"]
     assert [e["epoch"] for e in curve] == [1, 2]
-    assert curve[0]["test_top1"] == pytest.approx(61.0 + (42 % 3 + 99 % 3 + 123 % 3) / 3)
+    assert curve[0]["top1"] == pytest.approx(61.0 + (42 % 3 + 99 % 3 + 123 % 3) / 3)
 
 
 def test_plots_are_valid_pngs(report_dir: Path):
@@ -559,3 +560,36 @@ def test_paper_experiments_slice_only_where_the_paper_did(compose_cfg, model: st
     cfg = compose_cfg(f"experiment={exp}")
     assert cfg.model.name == model
     assert (cfg.slice.name != "none") is PAPER[model]["ran"]["sliced"]
+
+
+def test_margins_against_both_peers_and_the_latency_frontier(tmp_path):
+    """The final student's margin over each peer is paired per seed; the report writes the
+    accuracy-vs-latency plot and marks the latency frontier."""
+    lat = {"teacher": 8.0, "block_kd": 5.0, "inner_slice": 2.0,
+           "peer_torch_pruning": 3.0, "peer_torch_pruning_latency": 2.0}  # fmt: skip
+    tops = {42: (80.0, 78.0, 77.5), 99: (81.0, 78.5, 79.5)}  # inner_slice, peer, peer_latency
+    for seed, (ours, peer, peer_lat) in tops.items():
+        rows = dict(R18) | {"inner_slice": (ours, 3_090_000, 13_900_000),
+                            "peer_torch_pruning": (peer, 5_000_000, 13_950_000),
+                            "peer_torch_pruning_latency": (peer_lat, 4_000_000, 11_000_000)}  # fmt: skip
+        write_run(tmp_path / "runs", f"s{seed}", seed=seed, rows=rows, latency=lat)
+    out = tmp_path / "rep"
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    (group,) = json.loads((out / "report.json").read_text())["groups"]
+    got = {m["against"]: m for m in group["margins"]}
+    assert set(got) == {"peer_torch_pruning", "peer_torch_pruning_latency"}
+    for against, col in (("peer_torch_pruning", 1), ("peer_torch_pruning_latency", 2)):
+        diffs = [t[0] - t[col] for t in tops.values()]
+        m = got[against]
+        assert m["student"] == "inner_slice" and m["n"] == 2
+        assert m["margin_mean"] == pytest.approx(statistics.fmean(diffs))
+        assert m["margin_std"] == pytest.approx(statistics.stdev(diffs))
+    assert got["peer_torch_pruning"]["macs_ratio"] == pytest.approx(13_900_000 / 13_950_000)
+    assert got["peer_torch_pruning"]["latency_ratio"] == pytest.approx(2.0 / 3.0)
+    assert (out / "pareto_latency.png").read_bytes().startswith(PNG_SIGNATURE)
+    flags = {r["model"]: r["pareto_latency"] for r in group["rows"]}
+    # at 2 ms the student (80.5 mean) beats the equal-latency peer (78.5): only it is kept there
+    assert flags["inner_slice"] and not flags["peer_torch_pruning_latency"]
+    assert not flags["peer_torch_pruning"]  # slower and less accurate than the student
+    md = (out / "report.md").read_text()
+    assert "equal latency" in md and "+2.00 ± 0.71" in md and "+2.25 ± 0.35" in md
