@@ -569,9 +569,11 @@ def test_margins_against_both_peers_and_the_latency_frontier(tmp_path):
            "peer_torch_pruning": 3.0, "peer_torch_pruning_latency": 2.0}  # fmt: skip
     tops = {42: (80.0, 78.0, 77.5), 99: (81.0, 78.5, 79.5)}  # inner_slice, peer, peer_latency
     for seed, (ours, peer, peer_lat) in tops.items():
-        rows = dict(R18) | {"inner_slice": (ours, 3_090_000, 13_900_000),
-                            "peer_torch_pruning": (peer, 5_000_000, 13_950_000),
-                            "peer_torch_pruning_latency": (peer_lat, 4_000_000, 11_000_000)}  # fmt: skip
+        rows = dict(R18) | {
+            "inner_slice": (ours, 3_090_000, 13_900_000),
+            "peer_torch_pruning": (peer, 5_000_000, 13_950_000),
+            "peer_torch_pruning_latency": (peer_lat, 4_000_000, 11_000_000),
+        }
         write_run(tmp_path / "runs", f"s{seed}", seed=seed, rows=rows, latency=lat)
     out = tmp_path / "rep"
     assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
