@@ -36,6 +36,7 @@ from m2mdc.errors import M2MError
 from m2mdc.profiling import count_macs
 from m2mdc.pruning import keep_cfg_from_removals, select_removals
 from m2mdc.slicing import plan_slice
+from m2mdc.ui import progress
 
 # (planes fraction follows f?, mid fraction follows f?) per shape; the other part stays at 1
 SHAPES: dict[str, tuple[bool, bool]] = {
@@ -141,7 +142,7 @@ def search(
     def shaped_macs(kept: nn.Module, shape: str, f: float) -> int:
         return macs_of(kept, *fractions(shape, f))
 
-    for ratio in ratios:
+    def one_ratio(ratio: float) -> None:
         keep = keep_cfg_from_removals(blocks, select_removals(blocks, scores, float(ratio)))
         kept = get_adapter(teacher).keep(teacher, keep)  # once per ratio
         full = macs_of(kept, 1.0, 1.0)
@@ -161,6 +162,12 @@ def search(
                 found.append(Candidate(float(ratio), shape, *fractions(shape, best.x), macs, keep))
             else:
                 missed.append({"ratio": float(ratio), "shape": shape, "closest_macs": macs})
+
+    with progress() as bar:
+        task = bar.add_task("budget search", total=len(ratios), unit="ratio")
+        for i, ratio in enumerate(ratios):
+            one_ratio(ratio)
+            bar.update(task, completed=i + 1)
     return found, missed
 
 
@@ -170,8 +177,11 @@ def choose(
     """Measure ``proxy`` (higher is better) for every candidate; the best, ties by fewer MACs."""
     if not candidates:
         raise ValueError("no candidates")
-    for c in candidates:
-        c.proxy_top1 = float(proxy(c))
+    with progress() as bar:
+        task = bar.add_task("budget proxy", total=len(candidates), unit="candidate")
+        for i, c in enumerate(candidates):
+            c.proxy_top1 = float(proxy(c))
+            bar.update(task, completed=i + 1)
     ranked = sorted(candidates, key=lambda c: (-(c.proxy_top1 or 0.0), c.macs))
     return ranked[0], ranked
 

@@ -241,6 +241,14 @@ class ExportConfig:
 
 
 @dataclass
+class UIConfig:
+    """Console output; not part of any stage fingerprint."""
+
+    # when stdout is not a terminal (SLURM, nohup, CI): seconds between progress lines
+    progress_every_s: float = _f(30.0, gt=0)
+
+
+@dataclass
 class Config:
     command: str = "run"
     experiment_name: str = "default"
@@ -256,6 +264,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
     # fair baselines beside the students: one name or a list (see comparisons())
     compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
     # which epoch a training stage keeps: the last, or the best by validation top1

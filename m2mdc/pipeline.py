@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from m2mdc import __version__, cache, rundir
+from m2mdc import __version__, cache, rundir, ui
 from m2mdc.artifacts import atomic_write_json, read_json
 from m2mdc.config import to_plain
 from m2mdc.errors import M2MError, error_line
@@ -222,6 +222,7 @@ def run_command(
     from m2mdc.stages.summary import write_summary
 
     names = plan(command, cfg)
+    ui.configure(progress_every_s=float(cfg.ui.progress_every_s))
     with rundir.locked(run_dir):
         ctx = Context(cfg, run_dir)
         preflight(ctx, names)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from m2mdc.ui import progress
+
 # The only operators counted: fvcore's convolution and matrix-product handles, each of which
 # counts one fused multiply-add as one unit (so their totals are MACs).
 _MATMUL_OPS = {"conv", "addmm", "linear", "matmul", "mm", "bmm", "einsum"}
@@ -208,9 +210,12 @@ def interleaved_times(
                 nets[name](x)
         if cuda:
             torch.cuda.synchronize(dev)
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else reversed(names):
-                times[name].append(_time_forward(nets[name], x, cuda))
+        with progress() as bar:
+            task = bar.add_task(f"latency batch {batch_size}", total=repeats, unit="round")
+            for r in range(repeats):
+                for name in names if r % 2 == 0 else reversed(names):
+                    times[name].append(_time_forward(nets[name], x, cuda))
+                bar.update(task, completed=r + 1)
     return times
 
 

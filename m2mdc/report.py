@@ -36,10 +36,10 @@ from m2mdc.rows import DISPLAY, ROWS, STUDENT_ROWS
 # cache_dir, use_cache: the cache is content-addressed), Hydra's own node, the export command's
 # settings, dataset download/decoding threads, the latency measurement settings (latency
 # is a property of the machine, not of the model's accuracy), and the execution-speed `perf`
-# switches (like `device`: how the same computation was run).
+# switches (like `device`: how the same computation was run), and the console's `ui` settings.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
-    "perf", "export", "dataset.download", "dataset.num_workers",
+    "perf", "ui", "export", "dataset.download", "dataset.num_workers",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
 # Where a run's grouping configuration came from, and what the report says about it.

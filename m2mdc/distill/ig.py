@@ -108,7 +108,7 @@ def compute_maps(
     n = len(data)
     maps = torch.empty((n, *data.images.shape[-2:]), dtype=torch.uint8)
     with progress() as bar:
-        task = bar.add_task("ig maps", total=n, info=f"{steps} steps")
+        task = bar.add_task("ig maps", total=n, info=f"{steps} steps", unit="img")
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             attr = integrated_gradients(

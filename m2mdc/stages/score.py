@@ -17,7 +17,7 @@ from m2mdc.scoring.activations import collect_pooled
 from m2mdc.scoring.blocks import BLOCK_SCORERS, rank, score_blocks
 from m2mdc.scoring.mi import binned_mi
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.ui import console, log, table
+from m2mdc.ui import console, log, progress, table
 
 
 def probe_batches(ctx: Context) -> Batches:
@@ -48,7 +48,15 @@ def run(ctx: Context) -> dict[str, Any]:
     wanted = {f"stage:{s}": m for s, m in stage_out.items()}
     if BLOCK_SCORERS.get(cfg.score.method).needs_activations:
         wanted.update({f"block:{n}": m for n, m in modules.items()})
-    pooled, labels = collect_pooled(teacher, wanted, probe.epoch(0), probe.num_examples)
+    with progress() as bar:
+        task = bar.add_task("score probe", total=probe.num_examples, info="", unit="img")
+        pooled, labels = collect_pooled(
+            teacher,
+            wanted,
+            probe.epoch(0),
+            probe.num_examples,
+            lambda done, _: bar.update(task, completed=done),
+        )
     scores = score_blocks(
         teacher,
         modules,

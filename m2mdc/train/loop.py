@@ -385,7 +385,9 @@ def fit(
     run = _Run(model, params, train, spec, loss_fn, epoch_info, extra_state)
     t0 = time.perf_counter()
     with progress() as bar, StopFlag() as stop:
-        ep_task = bar.add_task(spec.desc, total=spec.epochs, completed=run.start - 1, info="")
+        ep_task = bar.add_task(
+            spec.desc, total=spec.epochs, completed=run.start - 1, info="", unit="epoch"
+        )
         for epoch in range(run.start, spec.epochs + 1):
             sums = run.train_epoch(epoch, bar, stop)
             row = run.end_epoch(epoch, sums, test, val)
@@ -579,7 +581,14 @@ class _Run:
         if self.extra is not None:
             self.extra.train()
         first = self.start_step if epoch == self.start else 0
-        task = bar.add_task(f"  epoch {epoch}/{spec.epochs}", total=n, completed=first, info="")
+        task = bar.add_task(
+            f"  epoch {epoch}/{spec.epochs}",
+            total=n,
+            completed=first,
+            info="",
+            unit="img",
+            per_step=self.train.batch_size,
+        )
         sums = _Sums(self.device, self.partial if epoch == self.start else None)
         batches = self.train.epoch(epoch + spec.epoch_offset, start_batch=first)
         for step, (x, y) in enumerate(batches, start=first):
