@@ -159,6 +159,9 @@ class KDConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
+REPAIR_RAMPS = ("restart", "continue")  # m2mdc.distill.losses.repair_terms
+
+
 @dataclass
 class SliceConfig:
     name: str = _f("planes_mid", choices=("planes_mid", "planes", "mid", "none"))
@@ -173,6 +176,9 @@ class SliceConfig:
     # gradual: oneshot's selection, decayed to zero while repairing, then cut
     schedule: str = _f("progressive", choices=("progressive", "oneshot", "gradual"))
     decay: str = _f("cosine", choices=("cosine", "linear"))  # gradual: the factor's shape
+    # the ramped KD terms in every slicing repair: restart their ramp over the repair's epochs
+    # (a 1-epoch repair is then pure CE), or continue at the distill stage's final weights
+    repair_ramp: str = _f("restart", choices=REPAIR_RAMPS)
 
 
 @dataclass

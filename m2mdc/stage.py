@@ -82,6 +82,7 @@ NEUTRAL: dict[str, Any] = {
     "budget.macs": None,
     "slice.schedule": "progressive",
     "slice.decay": "cosine",
+    "slice.repair_ramp": "restart",
     "kd.sparsity": {"weight": 0.0, "kind": "bn_l1", "ramp": "none"},
     "teacher.lr_schedule": "constant",
     "kd.lr_schedule": "constant",

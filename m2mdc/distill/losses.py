@@ -147,6 +147,20 @@ class Term:
         return ramp(epoch, epochs, self.weight) if self.ramped else self.weight
 
 
+def repair_terms(terms: list[Term], distill_epochs: int, ramp_mode: str) -> list[Term]:
+    """The terms of a slicing repair (``slice.repair_ramp``): ``restart`` keeps them as they
+    are (each repair ramps its terms over its own epochs: a 1-epoch repair is pure CE);
+    ``continue`` fixes every ramped term at the weight the distill stage's last epoch used
+    (its peak when ``kd.epochs`` > 1), so every repair consults the teacher from its first
+    batch."""
+    if ramp_mode == "restart":
+        return terms
+    if ramp_mode != "continue":
+        raise ValueError(f"slice.repair_ramp={ramp_mode!r}: choose restart or continue")
+    last = max(distill_epochs, 1)
+    return [replace(t, weight=t.weight_at(last, distill_epochs), ramped=False) for t in terms]
+
+
 def preset_terms(name: str, alpha: float, beta: float) -> list[Term]:
     """The terms of a ``kd`` preset."""
     if name == "staged_cosine":

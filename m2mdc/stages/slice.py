@@ -19,7 +19,7 @@ from m2mdc.arch import SlicePlan, get_adapter
 from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from m2mdc.data.loader import Batches
 from m2mdc.distill.ig import overlay_batches
-from m2mdc.distill.losses import terms_from_config
+from m2mdc.distill.losses import repair_terms, terms_from_config
 from m2mdc.distill.repair import RepairExtras, kd_repair
 from m2mdc.distill.sparsity import sparsity_from_config
 from m2mdc.profiling import count_macs, count_params
@@ -211,7 +211,8 @@ def run(ctx: Context) -> dict[str, Any]:
             data=ctx.data("train"),
             cache_dir=ctx.cache_dir if cfg.use_cache else None,
         )
-    su = _Setup(ctx, teacher, train, kd_train, test, terms_from_config(cfg.kd), "", out)
+    terms = repair_terms(terms_from_config(cfg.kd), int(cfg.kd.epochs), sc.repair_ramp)
+    su = _Setup(ctx, teacher, train, kd_train, test, terms, "", out)
     su.fp = ctx.fingerprint("slice")
     feat_index = list(range(adapter.classifier(teacher).in_features))
     start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
