@@ -315,6 +315,74 @@ def bench_kd(quick: bool, tmp: Path) -> dict[str, Any]:
     }
 
 
+def bench_sparsity(quick: bool) -> dict[str, Any]:
+    """What ``kd.sparsity`` adds to a KD training step: the step of the quickstart's pruned
+    student (batch 64, 32x32, CE + cosine logit and feature terms against the teacher, Adam,
+    clip) without the penalty, with ``bn_l1`` and with ``group_lasso`` on the groups the
+    default slicing ranks (planes and mid at 0.5 on layer2-4), timed interleaved."""
+    from m2mdc.distill.sparsity import Sparsity
+    from m2mdc.slicing import slice_groups
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", 10).eval()
+    student0 = get_adapter(teacher).keep(teacher, QUICKSTART_KEEP)
+    stages = ["layer2", "layer3", "layer4"]
+    groups = [g.producers for g in slice_groups(student0, 0.5, 0.5, stages=stages)]
+    x = preprocess(synthetic_images(64, 32).images, 32)
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0))
+    steps = 3 if quick else 8
+
+    def train(kind: str | None) -> Callable[[], None]:
+        student = copy.deepcopy(student0).train()
+        params = list(student.parameters())
+        opt = torch.optim.Adam(params, lr=5e-4)
+        own = [g.producers for g in slice_groups(student, 0.5, 0.5, stages=stages)]
+        pen = None if kind is None else Sparsity(own, weight=1e-4, kind=kind)
+
+        def run() -> None:
+            for _ in range(steps):
+                with torch.no_grad():
+                    tf, tl = bare_resnet_features(teacher, x)
+                sf, sl = bare_resnet_features(student, x)
+                loss = (
+                    F.cross_entropy(sl, y)
+                    + 0.1 * (1 - F.cosine_similarity(sl, tl, dim=1)).mean()
+                    + 0.1 * (1 - F.cosine_similarity(sf, tf, dim=1)).mean()
+                )
+                if pen is not None:
+                    loss = loss + pen.weight * pen.penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+
+        return run
+
+    fns = {"off": train(None), "bn_l1": train("bn_l1"), "group_lasso": train("group_lasso")}
+    for fn in fns.values():  # warm-up
+        fn()
+    t = interleaved(fns, 5 if quick else 9)
+    per_step = {k: med(v) / steps * 1e3 for k, v in t.items()}
+    log(
+        "sparsity: ms per KD step "
+        + ", ".join(f"{k} {v:.1f}" for k, v in per_step.items())
+        + f" ({sum(len(g) for g in groups)} producer convs in {len(groups)} groups)"
+    )
+    return {
+        "sparsity_bn_l1_step_cost": per_step["bn_l1"] / per_step["off"],
+        "sparsity_group_lasso_step_cost": per_step["group_lasso"] / per_step["off"],
+        "raw": {
+            "ms_per_step": per_step,
+            "steps_per_repetition": steps,
+            "groups": len(groups),
+            "producers": sum(len(g) for g in groups),
+            "batch_size": 64,
+            "student": f"resnet18 keep {QUICKSTART_KEEP}",
+            "seconds": t,
+        },
+    }
+
+
 def load_split_digits(split: str) -> ImageData:
     from omegaconf import OmegaConf
 
@@ -582,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument(
         "--only",
-        default="mi,kd,resize,latency,sweep",
-        help="comma-separated subset of: mi, kd, resize, latency, sweep",
+        default="mi,kd,resize,latency,sparsity,sweep",
+        help="comma-separated subset of: mi, kd, resize, latency, sparsity, sweep",
     )
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
@@ -594,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kd", lambda tmp: bench_kd(args.quick, tmp)),
         ("resize", lambda tmp: bench_resize(args.quick)),
         ("latency", lambda tmp: bench_latency(args.quick)),
+        ("sparsity", lambda tmp: bench_sparsity(args.quick)),
         ("sweep", bench_sweep),
     ]
     tmp = Path(tempfile.mkdtemp(prefix="m2mdc-bench-"))
