@@ -164,7 +164,8 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, reads: Reads, monkeypatch) -> d
         [
             "compare=[teacher_same_epochs,torch_pruning]",
             "peer.match=[macs,latency]",
-            "peer.latency_tolerance=0.1",  # a shared machine times noisily
+            "peer.latency_tolerance=0.3",  # a shared machine times noisily
+            "peer.latency_repeats=10",  # what is read matters here, not the match's precision
             "dataset.val_fraction=0.1",
             "select=best_val",
             "profile.input_size=32",  # the size every stage counts MACs at
