@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast browser lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ demo: $(STAMP)  ## the quickstart experiment: teacher, scores, pruned + distille
 # one pytest worker per core (-n auto), a test file per worker at a time (--dist loadfile: a
 # file's module fixtures, e.g. one trained run, are built once); every test runs torch on one
 # thread (tests/conftest.py), so the workers do not contend
-test: $(STAMP)  ## the full test suite (slow end-to-end tests included)
+test: $(STAMP) browser  ## the full test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
+
+# Debian's chromium for the HTML report's real-browser test (tests/test_report_html.py), when
+# it is missing and apt-get can install it (root); otherwise that one test skips and says why
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium (apt-get) for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null) || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no chromium and no root apt-get: the browser test will skip"; fi; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"

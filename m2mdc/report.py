@@ -413,19 +413,25 @@ def main(argv: Sequence[str]) -> int:
     parser = _Parser(
         prog="m2mdc report",
         description="Tables and plots from finished runs: per-seed, compute, paper side by side.",
-        epilog="Writes NAME.md, NAME.csv, NAME.json, pareto.png and kd_curves.png (prefixed "
-        "NAME_ when --name is given) into OUTDIR; every summary.json below each DIR is a run.",
+        epilog="Writes NAME.md, NAME.csv, NAME.json, pareto.png, pareto_latency.png and "
+        "kd_curves.png (prefixed NAME_ when --name is given), and NAME.html with --html, into "
+        "OUTDIR; every summary.json below each DIR is a run.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="searched recursively")
     parser.add_argument("--out", metavar="OUTDIR", help="output directory (default: first DIR)")
     parser.add_argument("--name", default="report", help="file stem (default: report)")
+    parser.add_argument(
+        "--html",
+        action="store_true",
+        help="also write NAME.html: one self-contained page (tables, plots inlined, configs)",
+    )
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     runs = find_runs(args.dirs)
     groups = aggregate(runs)
-    write_report(groups, args.dirs, Path(args.out or args.dirs[0]), args.name)
+    write_report(groups, args.dirs, Path(args.out or args.dirs[0]), args.name, html=args.html)
     return 0
 
 
@@ -741,16 +747,22 @@ def to_markdown(
 
 
 def write_report(
-    groups: list[dict[str, Any]], sources: Sequence[str], out: Path, name: str
+    groups: list[dict[str, Any]],
+    sources: Sequence[str],
+    out: Path,
+    name: str,
+    *,
+    html: bool = False,
 ) -> None:
-    """Write ``<name>.md/.csv/.json`` and the PNGs into ``out`` atomically; print the tables."""
+    """Write ``<name>.md/.csv/.json`` and the PNGs into ``out`` atomically (and, with
+    ``html``, ``<name>.html``: :mod:`m2mdc.report_html`); print the tables."""
     from m2mdc import __version__
     from m2mdc.artifacts import atomic_write_bytes, atomic_write_json
     from m2mdc.report_plots import kd_curves_png, pareto_png
     from m2mdc.ui import console, table
 
     prefix = "" if name == "report" else f"{name}_"  # two reports in one directory keep apart
-    plots = {}
+    plots, images = {}, {}
     for key, png in (
         ("pareto", pareto_png(groups, DISPLAY)),
         ("pareto_latency", pareto_png(groups, DISPLAY, cost="latency")),
@@ -759,7 +771,13 @@ def write_report(
         if png is not None:
             atomic_write_bytes(out / f"{prefix}{key}.png", png)
             plots[key] = f"{prefix}{key}.png"
-    atomic_write_bytes(out / f"{name}.md", to_markdown(groups, sources, plots).encode())
+            images[plots[key]] = png
+    report_md = to_markdown(groups, sources, plots)
+    atomic_write_bytes(out / f"{name}.md", report_md.encode())
+    if html:
+        from m2mdc.report_html import to_html
+
+        atomic_write_bytes(out / f"{name}.html", to_html(report_md, images, groups).encode())
     atomic_write_bytes(out / f"{name}.csv", to_csv(groups).encode())
     atomic_write_json(
         out / f"{name}.json",
@@ -779,5 +797,6 @@ def write_report(
         console.print(table(f"{g['id']}: {g['label']} ({g['split']} top-1 %)", *seed_table(g)))
         console.print(table(f"{g['id']}: compute (means over seeds)", *compute_table(g)))
     console.print(f"change vs teacher: {CHANGE_NOTE}")
-    files = [f"{name}.md", f"{name}.csv", f"{name}.json", *plots.values()]
+    files = [f"{name}.md", *([f"{name}.html"] if html else []), f"{name}.csv", f"{name}.json"]
+    files += plots.values()
     console.print(f"report: {_n(len(groups), 'group')} -> {out}/ ({', '.join(files)})")
