@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from m2mdc import __version__, cache, rundir, ui
 from m2mdc.artifacts import atomic_write_json, read_json
@@ -29,6 +29,7 @@ from m2mdc.rundir import get_path, set_path
 from m2mdc.stage import STAGES, Context, Stage
 from m2mdc.structure import validate_all
 from m2mdc.train.loop import seed_everything
+from m2mdc.train.perf import available_cores, intra_op_threads
 from m2mdc.ui import log
 
 
@@ -258,11 +259,27 @@ def _task(cfg: DictConfig) -> Any:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate_all(cfg)
+        _apply_threads(cfg, hydra_cfg)
         result = run_command(cfg.command, cfg, run_dir, list(hydra_cfg.overrides.task))
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     return objective(result, hydra_cfg.sweeper)
+
+
+def _apply_threads(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """``perf.threads`` for this job: set explicitly, or the cores divided among the jobs a
+    local launcher runs at once (joblib's ``n_jobs``; -1: one per core)."""
+    from hydra.types import RunMode
+
+    jobs = 1
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
+    if n_jobs is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        jobs = available_cores() if int(n_jobs) < 0 else int(n_jobs)
+    threads = intra_op_threads(cfg.perf.threads, jobs)
+    torch.set_num_threads(threads)
+    how = "perf.threads" if cfg.perf.threads is not None else f"{available_cores()} cores / {jobs}"
+    log.info(f"torch threads: {threads} ({how})")
 
 
 def hydra_main(command: str, args: Sequence[str]) -> int:

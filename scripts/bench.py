@@ -57,6 +57,7 @@ TARGETS = {
     "kd_throughput_vs_bare": (">=", 0.95),
     "resize_speedup": (">=", 3.0),
     "latency_speedup_over_mac_ratio_block_kd": (">=", 0.8),
+    "parallel_sweep_speedup": (">=", 1.1),
 }
 
 
@@ -636,6 +637,59 @@ def bench_sweep(tmp: Path) -> dict[str, Any]:
     }
 
 
+# ---- 6. a 2-job local sweep: one after the other, at once with torch's default threads, and at
+# once with perf.threads' default (the cores divided among the jobs) -------------------------
+PARALLEL_ARGS = [
+    "-m",
+    "seed=1,2",
+    "dataset.limit_train=640",
+    "dataset.limit_test=64",
+    "dataset.batch_size=64",
+    "teacher.epochs=3",
+    "kd.epochs=0",
+    "slice=none",
+    "score.probe_samples=64",
+    "prune.bn_recal_batches=2",
+    "profile.latency=false",
+    "use_cache=false",
+]
+
+
+def bench_parallel_sweep(tmp: Path) -> dict[str, Any]:
+    exe = Path(sys.executable).parent / "m2mdc"
+    cores = len(os.sched_getaffinity(0))
+    variants = {
+        "sequential": [],
+        "parallel_default_threads": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                                     f"perf.threads={cores}"],
+        "parallel_with_fix": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(2):
+        for name, extra in variants.items():
+            d = tmp / f"par-{name}-{rep}"
+            t0 = time.perf_counter()
+            subprocess.run(
+                [str(exe), "run", *PARALLEL_ARGS, *extra, f"hydra.sweep.dir={d}"],
+                cwd=tmp, env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            wall[name].append(time.perf_counter() - t0)
+            shutil.rmtree(d, ignore_errors=True)
+    w = {k: med(v) for k, v in wall.items()}
+    log("parallel sweep: " + ", ".join(f"{k} {v:.1f}s" for k, v in w.items()))
+    return {
+        "parallel_sweep_speedup": w["sequential"] / w["parallel_with_fix"],
+        "raw": {
+            "wall_s": wall,
+            "cores": cores,
+            "args": PARALLEL_ARGS,
+            "default_threads_slowdown_vs_sequential": w["parallel_default_threads"]
+            / w["sequential"],
+        },
+    }
+
+
 def check_targets(result: dict[str, Any]) -> dict[str, bool]:
     ok = {}
     for key, (op, bound) in TARGETS.items():
@@ -650,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument(
         "--only",
-        default="mi,kd,resize,latency,sparsity,sweep",
-        help="comma-separated subset of: mi, kd, resize, latency, sparsity, sweep",
+        default="mi,kd,resize,latency,sparsity,sweep,parallel",
+        help="comma-separated subset of: mi, kd, resize, latency, sparsity, sweep, parallel",
     )
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
@@ -664,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         ("latency", lambda tmp: bench_latency(args.quick)),
         ("sparsity", lambda tmp: bench_sparsity(args.quick)),
         ("sweep", bench_sweep),
+        ("parallel", bench_parallel_sweep),
     ]
     tmp = Path(tempfile.mkdtemp(prefix="m2mdc-bench-"))
     try:

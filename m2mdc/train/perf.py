@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -182,3 +183,22 @@ def grad_scaler(cfg: Any, device: torch.device | str) -> torch.amp.GradScaler | 
     if p.amp != "fp16":
         return None
     return torch.amp.GradScaler(torch.device(device).type)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(setting: int | None, concurrent_jobs: int, cores: int | None = None) -> int:
+    """``perf.threads``: torch's intra-op threads for one job. ``None`` (auto) divides the
+    cores among the jobs that run at once on this machine (a local launcher's ``n_jobs``; 1
+    otherwise), at least one each, so parallel jobs do not oversubscribe the cores and slow
+    each other down."""
+    if setting is not None:
+        return int(setting)
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // max(1, concurrent_jobs))
