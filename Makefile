@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the quickstart experiment: teacher, scores, pruned + distilled student, profile
 	$(BIN)/m2mdc run experiment=quickstart hydra.run.dir=outputs/demo force=true
 
-# one pytest worker per core (-n auto), a test file per worker at a time (--dist loadfile: a
-# file's module fixtures, e.g. one trained run, are built once); every test runs torch on one
-# thread (tests/conftest.py), so the workers do not contend
+# one pytest worker per core (-n auto), tests handed out one by one and idle workers taking
+# queued ones (--dist worksteal: a module fixture such as one trained run is built at most once
+# per worker); every test runs torch on one thread (tests/conftest.py): no contention
 test: $(STAMP) browser  ## the full test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 # Debian's chromium for the HTML report's real-browser test (tests/test_report_html.py), when
 # it is missing and apt-get can install it (root); otherwise that one test skips and says why
@@ -32,7 +32,7 @@ browser:
 	  else echo "no chromium and no root apt-get: the browser test will skip"; fi; }
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check m2mdc tests scripts
