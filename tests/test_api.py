@@ -106,9 +106,9 @@ def test_compose_refuses_bad_input_with_the_clis_line(bad, monkeypatch, tmp_path
 
 def test_compose_returns_the_clis_configuration(compose_cfg):
     cfg = api.compose(["model=mobilenet_v2", "prune.ratio=0.3"])
-    assert cfg == compose_cfg("model=mobilenet_v2", "prune.ratio=0.3")
-    assert cfg.model.name == "mobilenet_v2" and cfg.prune.ratio == 0.3
     assert not GlobalHydra.instance().is_initialized()
+    assert cfg.model.name == "mobilenet_v2" and cfg.prune.ratio == 0.3
+    assert cfg == compose_cfg("model=mobilenet_v2", "prune.ratio=0.3")
 
 
 def test_compose_refuses_what_only_the_command_line_takes():
