@@ -7,16 +7,13 @@ line on stderr and exit code 2, and nothing is created on disk.
 
 from __future__ import annotations
 
-import difflib
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from m2mdc import __version__
+from m2mdc.composition import compose_jobs, config_tree, unknown_command
 from m2mdc.errors import M2MError, error_line
-from m2mdc.hydra_args import conf_dir, split_overrides
+from m2mdc.hydra_args import conf_dir, split_overrides  # noqa: F401  (conf_dir: re-exported)
 
 # command -> one-line description, in pipeline order; `report` is not a Hydra command. The
 # {fields} are filled from the default configuration (see _usage).
@@ -38,16 +35,10 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--s
 
 def _default_facts() -> dict[str, str]:
     """What the help states about the defaults, read from the composed default config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra import compose
 
-    from m2mdc.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    with config_tree():
         cfg = compose("config")
-    GlobalHydra.instance().clear()
     start = "ImageNet weights, new classifier" if cfg.model.pretrained else "from scratch"
     trained = "last third unfrozen" if cfg.teacher.unfreeze == "last_third" else "all layers"
     return {
@@ -80,151 +71,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _schema_keys(cfg: object, path: str) -> list[str]:
-    from omegaconf import DictConfig, OmegaConf
-
-    node = OmegaConf.select(cfg, path) if path else cfg  # type: ignore[arg-type]
-    return [str(k) for k in node] if isinstance(node, DictConfig) else []
-
-
-def explain(exc: BaseException, base_cfg: object | None = None) -> str:
-    """Turn a Hydra/OmegaConf composition error into one line naming the key and the choices."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    if isinstance(exc, M2MError):
-        return str(exc)
-    if isinstance(exc, MissingConfigException):
-        text = str(exc)
-        first = text.splitlines()[0]
-        options = [ln.strip() for ln in text.splitlines() if ln.startswith("\t") and "=" not in ln]
-        group = first.split("'")[-2] if "'" in first else first
-        if "/" in group:
-            g, _, v = group.rpartition("/")
-            return f"{g}={v} is not a valid choice; choose one of: {', '.join(options)}"
-        return first
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
-        return str(exc).splitlines()[0]
-    full_key = getattr(cause, "full_key", None) or ""
-    if isinstance(cause, ConfigKeyError | ConfigAttributeError):
-        from m2mdc.config import KDTermConfig
-
-        if getattr(cause, "object_type", None) is KDTermConfig:  # inside a kd.terms list value
-            fields = list(KDTermConfig.__dataclass_fields__)
-            hint = difflib.get_close_matches(full_key.rpartition(".")[2], fields, n=1)
-            where = "" if full_key.startswith("kd.terms") else " in a kd.terms entry"
-            return (
-                f"unknown setting '{full_key}'{where}"
-                + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                + f"; settings of a term: {', '.join(fields)}"
-            )
-        parent, _, leaf = full_key.rpartition(".")
-        known = _schema_keys(base_cfg, parent) if base_cfg is not None else []
-        hint = difflib.get_close_matches(leaf, known, n=1)
-        msg = f"unknown setting '{full_key}'"
-        if hint:
-            msg += f" (did you mean '{f'{parent}.' if parent else ''}{hint[0]}'?)"
-        if known:
-            msg += f"; settings under '{parent or '<root>'}': {', '.join(known)}"
-        return msg
-    detail = str(cause).splitlines()[0]
-    return f"{full_key}: {detail}" if full_key else detail
-
-
-def check_writable(key: str, directory: str) -> None:
-    """Fail early when ``directory`` cannot be created or written (nothing is left behind)."""
-    import tempfile
-
-    p = Path(directory).expanduser().absolute()
-    ancestor = p
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if ancestor == p and not p.is_dir():
-        raise M2MError(f"{key}={directory}: {p} exists and is not a directory")
-    if not ancestor.is_dir():
-        raise M2MError(f"{key}={directory}: cannot create it, {ancestor} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as exc:
-        raise M2MError(f"{key}={directory}: not writable ({exc.strerror or exc})") from None
-
-
-def grammar_error(line: str, message: str) -> str:
-    """One line for an override Hydra cannot parse; when its lexer stops at a character that
-    quoting allows (non-ASCII letters, ``#``, ``~``, ...), the quoted form to type."""
-    lines = message.splitlines() or [""]
-    lexer = "LexerNoViableAltException: "
-    if lines[0].startswith(lexer) and len(lines) > 1 and "^" in lines[1]:
-        pos = lines[1].index("^") - len(lexer)
-        key, eq, value = line.partition("=")
-        char = line[pos] if 0 <= pos < len(line) else "?"
-        if not eq or pos < len(key):
-            return f"{line}: Hydra cannot read {char!r} in a setting name"
-        msg = f"{line}: Hydra cannot read {char!r} in an unquoted value; quote the value"
-        if "'" in value or '"' in value:
-            return msg + ' (key="...", with \\" for a quote inside)'
-        return msg + f""", e.g. '{key}="{value}"'"""
-    detail = next((ln for ln in lines if not ln.startswith(("Error parsing", "See http"))), "")
-    detail = re.sub(r" expecting \{.*\}$", "", detail or lines[0])
-    return f"{line}: not a valid override ({detail})"
-
-
-def _parse_overrides(overrides: list[str]) -> list[Any]:
-    """Hydra's parse of each override; a grammar error names the override that caused it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    parsed = []
-    for line in overrides:
-        try:
-            parsed += parser.parse_overrides([line])
-        except Exception as exc:  # OverrideParseException and the lexer's own errors
-            raise M2MError(grammar_error(line, str(exc))) from None
-    return parsed
-
-
-def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
-    """Compose and validate every job a (possibly sweeping) override list describes."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-
-    from m2mdc.config import register_configs
-    from m2mdc.structure import validate_all
-
-    register_configs()
-    parsed = _parse_overrides(overrides)
-    # Hydra's own keys (hydra.run.dir, hydra/launcher=...) are validated by Hydra itself.
-    user = [o for o in parsed if not o.get_key_element().lstrip("+~").startswith("hydra")]
-    jobs = BasicSweeper.split_arguments(user, max_batch_size=None)[0] if user else [[]]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        base = compose("config")
-        for job in jobs:
-            try:
-                cfg = compose("config", overrides=list(job))
-                validate_all(cfg)
-            except Exception as exc:
-                raise M2MError(explain(exc, base)) from None
-            check_writable("cache_dir", str(cfg.cache_dir))
-            if cfg.dataset.name == "imagefolder":  # classes and splits, before anything runs
-                from m2mdc.data.datasets import check_tree
-
-                check_tree(cfg.dataset)
-        own = [o.input_line for o in parsed if o not in user and o.input_line]
-        try:
-            hcfg = compose("config", overrides=[*jobs[0], *own], return_hydra_config=True).hydra
-        except Exception as exc:
-            raise M2MError(explain(exc, base)) from None
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        check_writable(key, str(hcfg.sweep.dir if multirun else hcfg.run.dir))
-    GlobalHydra.instance().clear()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -237,12 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     try:
         if command not in COMMANDS:
-            hint = difflib.get_close_matches(command, COMMANDS, n=1)
-            raise M2MError(
-                f"unknown command '{command}'"
-                + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                + f"; commands: {', '.join(COMMANDS)}"
-            )
+            raise unknown_command(command, COMMANDS)
         if command == "report":  # argparse, not Hydra: its M2MErrors are printed below
             from m2mdc.report import main as report_main
 
@@ -255,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "print one job's configuration; drop -m to print the first job's"
             )
         if not any(f in _INFO_FLAGS for f in flags):
-            _compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
+            compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         return exc.exit_code

@@ -1,4 +1,5 @@
-"""A non-editable install ships the config tree inside the wheel and composes from it."""
+"""A non-editable install ships the config tree (and py.typed) inside the wheel and composes
+from it, through the command line's composition and the Python API."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def test_wheel_ships_conf_and_composes_outside_the_checkout(tmp_path):
         for p in (ROOT / "conf").rglob("*.yaml")
     }
     assert expected and expected <= names
+    assert "m2mdc/py.typed" in names  # the annotations are for users' type checkers (PEP 561)
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -55,9 +57,10 @@ def test_wheel_ships_conf_and_composes_outside_the_checkout(tmp_path):
         capture_output=True,
     )
     code = (
-        "import m2mdc, m2mdc.cli as c; "
+        "import m2mdc, m2mdc.cli as c; from m2mdc import api, composition; "
         f"assert str(c.conf_dir()).startswith({str(target)!r}), c.conf_dir(); "
-        "c._compose_jobs(['model=mobilenet_v2', 'experiment=paper_resnet34']); print('ok')"
+        "composition.compose_jobs(['model=mobilenet_v2', 'experiment=paper_resnet34']); "
+        "assert api.compose(['model=mobilenet_v2']).model.name == 'mobilenet_v2'; print('ok')"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
