@@ -211,10 +211,18 @@ def plan(command: str, cfg: DictConfig) -> list[str]:
 
 
 def run_command(
-    command: str, cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()
+    command: str,
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    concurrent_jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run a CLI command on a run directory, holding its lock; returns the last stage's
     metrics, or the summary for ``run``.
+
+    ``concurrent_jobs``: the jobs running at once on this machine (the CLI passes its
+    launcher's), which ``perf.threads``' default divides the cores among; None (a caller in
+    Python) leaves torch's thread count as the caller set it unless ``perf.threads`` is set.
 
     Nothing is written before every stage of the command has been checked (prerequisites,
     outputs of another configuration). On success the summary (when the run has a teacher)
@@ -224,6 +232,8 @@ def run_command(
 
     names = plan(command, cfg)
     ui.configure(progress_every_s=float(cfg.ui.progress_every_s))
+    if concurrent_jobs is not None or cfg.perf.threads is not None:
+        apply_threads(cfg, concurrent_jobs or 1)
     with rundir.locked(run_dir):
         ctx = Context(cfg, run_dir)
         preflight(ctx, names)
@@ -259,23 +269,27 @@ def _task(cfg: DictConfig) -> Any:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate_all(cfg)
-        _apply_threads(cfg, hydra_cfg)
-        result = run_command(cfg.command, cfg, run_dir, list(hydra_cfg.overrides.task))
+        overrides = list(hydra_cfg.overrides.task)
+        result = run_command(cfg.command, cfg, run_dir, overrides, _concurrent_jobs(hydra_cfg))
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     return objective(result, hydra_cfg.sweeper)
 
 
-def _apply_threads(cfg: DictConfig, hydra_cfg: Any) -> None:
-    """``perf.threads`` for this job: set explicitly, or the cores divided among the jobs a
-    local launcher runs at once (joblib's ``n_jobs``; -1: one per core)."""
+def _concurrent_jobs(hydra_cfg: Any) -> int:
+    """How many jobs a local launcher runs at once (joblib's ``n_jobs``; -1: one per core)."""
     from hydra.types import RunMode
 
-    jobs = 1
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
-    if n_jobs is not None and hydra_cfg.mode == RunMode.MULTIRUN:
-        jobs = available_cores() if int(n_jobs) < 0 else int(n_jobs)
+    if n_jobs is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    return available_cores() if int(n_jobs) < 0 else int(n_jobs)
+
+
+def apply_threads(cfg: DictConfig, jobs: int = 1) -> None:
+    """``perf.threads`` for this job: set explicitly, or the cores divided among the ``jobs``
+    that run at once on this machine."""
     threads = intra_op_threads(cfg.perf.threads, jobs)
     torch.set_num_threads(threads)
     how = "perf.threads" if cfg.perf.threads is not None else f"{available_cores()} cores / {jobs}"
