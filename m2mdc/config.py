@@ -26,6 +26,7 @@ COMPARISONS = ("teacher_same_epochs", "torch_pruning")
 PEER_MATCHES = ("macs", "latency")  # peer.match: what the Torch-Pruning peer is matched to
 SELECT = ("last", "best_val")
 BAD_FILES = ("error", "skip")  # m2mdc.data.datasets: what undecodable image files get
+AUGMENTS = ("flip", "cifar", "imagenet")  # m2mdc.data.augment: the training batches' presets
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -59,6 +60,9 @@ class DatasetConfig:
     # image folders: an image file that cannot be decoded stops the run (error), or is left out
     # with one logged line (skip)
     bad_files: str = _f("error", choices=BAD_FILES)
+    # training batches: flip (horizontal flips), cifar (zero-pad 4 and random crop, plus flip),
+    # imagenet (random resized crop plus flip; evaluation: resize and center crop)
+    augment: str = _f("flip", choices=AUGMENTS)
     # fake dataset only: examples per split
     fake_train_size: int = _f(512, gt=0)
     fake_test_size: int = _f(128, gt=0)

@@ -87,6 +87,7 @@ NEUTRAL: dict[str, Any] = {
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size
     "dataset.bad_files": "error",
+    "dataset.augment": "flip",
 }
 
 
@@ -169,6 +170,7 @@ class Context:
             train=True,
             seed=self.cfg.seed,
             device=self.device,
+            augment=ds.augment,
         )
 
     def val_batches(self) -> Batches | None:
@@ -177,7 +179,12 @@ class Context:
         if not val_fraction(ds):
             return None
         return Batches(
-            self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device, split="val"
+            self.data("val"),
+            ds.eval_batch_size,
+            ds.image_size,
+            device=self.device,
+            split="val",
+            augment=ds.augment,
         )
 
     @cached_property
@@ -192,7 +199,12 @@ class Context:
         ds = self.cfg.dataset
         split = self.eval_split
         return Batches(
-            self.data(split), ds.eval_batch_size, ds.image_size, device=self.device, split=split
+            self.data(split),
+            ds.eval_batch_size,
+            ds.image_size,
+            device=self.device,
+            split=split,
+            augment=ds.augment,
         )
 
     # -- models ------------------------------------------------------------------------------
