@@ -69,10 +69,25 @@ class DatasetConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")  # m2mdc.train.loop.lr_factor
+OPTIMIZERS = ("adam", "sgd")  # m2mdc.train.optim
 
 
 @dataclass
-class TeacherConfig:
+class OptimFields:
+    """How a training section optimizes (m2mdc.train.optim), besides its lr and lr_schedule."""
+
+    optim: str = _f("adam", choices=OPTIMIZERS)
+    momentum: float = _f(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = True  # sgd only
+    # null: 5e-4 for sgd, 0 for adam; never on biases and normalisation weights
+    weight_decay: float | None = _f(None, ge=0)
+    label_smoothing: float = _f(0.0, ge=0, lt=1)  # of the cross-entropy term
+    # linear warmup per step over these epochs, then lr_schedule over the rest
+    warmup_epochs: int = _f(0, ge=0)
+
+
+@dataclass
+class TeacherConfig(OptimFields):
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-3, gt=0)
     # constant, or cosine: decayed per step to ~0 over the stage's epochs (m2mdc.train.loop)
@@ -146,7 +161,7 @@ class SparsityConfig:
 
 
 @dataclass
-class KDConfig:
+class KDConfig(OptimFields):
     name: str = _f("staged_cosine", choices=KD_PRESETS)
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-4, gt=0)
@@ -409,8 +424,21 @@ def _validate_select(cfg: DictConfig) -> None:
         )
 
 
+def _validate_nesterov(cfg: DictConfig) -> None:
+    for section in ("teacher", "kd"):
+        sec = cfg.get(section)
+        if sec is None or sec.get("optim") != "sgd" or not sec.get("nesterov"):
+            continue
+        if not float(sec.get("momentum") or 0):
+            raise M2MError(
+                f"{section}.nesterov=true needs momentum; set {section}.momentum > 0 "
+                f"(e.g. {section}.momentum=0.9), or {section}.nesterov=false"
+            )
+
+
 # the settings that name model parts are checked one layer up (m2mdc.structure.validate_all)
 EXTRA_VALIDATORS: list[Any] = [
+    _validate_nesterov,
     _validate_slice_keeps,
     _validate_kd_terms,
     _validate_peer_match,

@@ -72,6 +72,16 @@ class Stage:
 
 STAGES: dict[str, Stage] = {}
 
+# a training section's optimizer settings (teacher.*, kd.*) that train with Adam as before
+OPTIM_NEUTRAL: dict[str, Any] = {
+    "optim": "adam",
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": None,
+    "label_smoothing": 0.0,
+    "warmup_epochs": 0,
+}
+
 # Settings that were added after runs already existed, with the value that reproduces those
 # runs' outputs exactly. While a setting holds this neutral value it is left out of the
 # fingerprints, so run directories and cache entries made before it existed stay valid.
@@ -88,6 +98,11 @@ NEUTRAL: dict[str, Any] = {
     "profile.input_size": None,  # MACs are counted at dataset.image_size
     "dataset.bad_files": "error",
     "dataset.augment": "flip",
+    **{
+        f"{section}.{key}": value
+        for section in ("teacher", "kd")
+        for key, value in OPTIM_NEUTRAL.items()
+    },
 }
 
 
