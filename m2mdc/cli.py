@@ -19,7 +19,7 @@ from m2mdc.hydra_args import conf_dir, split_overrides  # noqa: F401  (conf_dir:
 # {fields} are filled from the default configuration (see _usage).
 COMMANDS: dict[str, str] = {
     "run": "run every stage in order (teacher .. slice, profile) and write summary.json",
-    "finetune-teacher": "train the teacher ({teacher}), Adam, gradient clipping",
+    "finetune-teacher": "train the teacher ({teacher}), {optim}, gradient clipping",
     "score": "rank blocks by label mutual information of pooled activations (probe set)",
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
     "distill": "staged KD repair of the pruned student against the teacher",
@@ -44,6 +44,7 @@ def _default_facts() -> dict[str, str]:
     return {
         "teacher": f"{start}, {trained}",
         "schedule": str(cfg.slice.schedule),
+        "optim": "Adam" if cfg.teacher.optim == "adam" else "SGD",
         "experiment": str(cfg.experiment_name),
         "dataset": str(cfg.dataset.name),
     }

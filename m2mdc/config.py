@@ -26,6 +26,7 @@ COMPARISONS = ("teacher_same_epochs", "torch_pruning")
 PEER_MATCHES = ("macs", "latency")  # peer.match: what the Torch-Pruning peer is matched to
 SELECT = ("last", "best_val")
 BAD_FILES = ("error", "skip")  # m2mdc.data.datasets: what undecodable image files get
+AUGMENTS = ("flip", "cifar", "imagenet")  # m2mdc.data.augment: the training batches' presets
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
@@ -59,16 +60,34 @@ class DatasetConfig:
     # image folders: an image file that cannot be decoded stops the run (error), or is left out
     # with one logged line (skip)
     bad_files: str = _f("error", choices=BAD_FILES)
+    # training batches: flip (horizontal flips), cifar (zero-pad 4 and random crop, plus flip),
+    # imagenet (random resized crop plus flip; evaluation: resize and center crop)
+    augment: str = _f("flip", choices=AUGMENTS)
     # fake dataset only: examples per split
     fake_train_size: int = _f(512, gt=0)
     fake_test_size: int = _f(128, gt=0)
 
 
 LR_SCHEDULES = ("constant", "cosine")  # m2mdc.train.loop.lr_factor
+OPTIMIZERS = ("adam", "sgd")  # m2mdc.train.optim
 
 
 @dataclass
-class TeacherConfig:
+class OptimFields:
+    """How a training section optimizes (m2mdc.train.optim), besides its lr and lr_schedule."""
+
+    optim: str = _f("adam", choices=OPTIMIZERS)
+    momentum: float = _f(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = True  # sgd only
+    # null: 5e-4 for sgd, 0 for adam; never on biases and normalisation weights
+    weight_decay: float | None = _f(None, ge=0)
+    label_smoothing: float = _f(0.0, ge=0, lt=1)  # of the cross-entropy term
+    # linear warmup per step over these epochs, then lr_schedule over the rest
+    warmup_epochs: int = _f(0, ge=0)
+
+
+@dataclass
+class TeacherConfig(OptimFields):
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-3, gt=0)
     # constant, or cosine: decayed per step to ~0 over the stage's epochs (m2mdc.train.loop)
@@ -142,7 +161,7 @@ class SparsityConfig:
 
 
 @dataclass
-class KDConfig:
+class KDConfig(OptimFields):
     name: str = _f("staged_cosine", choices=KD_PRESETS)
     epochs: int = _f(5, ge=0)
     lr: float = _f(1e-4, gt=0)
@@ -422,8 +441,21 @@ def _validate_select(cfg: DictConfig) -> None:
         )
 
 
+def _validate_nesterov(cfg: DictConfig) -> None:
+    for section in ("teacher", "kd"):
+        sec = cfg.get(section)
+        if sec is None or sec.get("optim") != "sgd" or not sec.get("nesterov"):
+            continue
+        if not float(sec.get("momentum") or 0):
+            raise M2MError(
+                f"{section}.nesterov=true needs momentum; set {section}.momentum > 0 "
+                f"(e.g. {section}.momentum=0.9), or {section}.nesterov=false"
+            )
+
+
 # the settings that name model parts are checked one layer up (m2mdc.structure.validate_all)
 EXTRA_VALIDATORS: list[Any] = [
+    _validate_nesterov,
     _validate_slice_keeps,
     _validate_kd_terms,
     _validate_peer_match,

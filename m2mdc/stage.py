@@ -72,6 +72,16 @@ class Stage:
 
 STAGES: dict[str, Stage] = {}
 
+# a training section's optimizer settings (teacher.*, kd.*) that train with Adam as before
+OPTIM_NEUTRAL: dict[str, Any] = {
+    "optim": "adam",
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": None,
+    "label_smoothing": 0.0,
+    "warmup_epochs": 0,
+}
+
 # Settings that were added after runs already existed, with the value that reproduces those
 # runs' outputs exactly. While a setting holds this neutral value it is left out of the
 # fingerprints, so run directories and cache entries made before it existed stay valid.
@@ -88,6 +98,12 @@ NEUTRAL: dict[str, Any] = {
     "kd.lr_schedule": "constant",
     "profile.input_size": None,  # MACs are counted at dataset.image_size
     "dataset.bad_files": "error",
+    "dataset.augment": "flip",
+    **{
+        f"{section}.{key}": value
+        for section in ("teacher", "kd")
+        for key, value in OPTIM_NEUTRAL.items()
+    },
 }
 
 
@@ -170,6 +186,7 @@ class Context:
             train=True,
             seed=self.cfg.seed,
             device=self.device,
+            augment=ds.augment,
         )
 
     def val_batches(self) -> Batches | None:
@@ -178,7 +195,12 @@ class Context:
         if not val_fraction(ds):
             return None
         return Batches(
-            self.data("val"), ds.eval_batch_size, ds.image_size, device=self.device, split="val"
+            self.data("val"),
+            ds.eval_batch_size,
+            ds.image_size,
+            device=self.device,
+            split="val",
+            augment=ds.augment,
         )
 
     @cached_property
@@ -193,7 +215,12 @@ class Context:
         ds = self.cfg.dataset
         split = self.eval_split
         return Batches(
-            self.data(split), ds.eval_batch_size, ds.image_size, device=self.device, split=split
+            self.data(split),
+            ds.eval_batch_size,
+            ds.image_size,
+            device=self.device,
+            split=split,
+            augment=ds.augment,
         )
 
     # -- models ------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Batches on the device: seeded order, batch-level resize, flip and normalisation.
+"""Batches on the device: seeded order, batch-level augmentation, resize and normalisation.
 
-The order and the flips of epoch ``e`` depend only on ``(seed, e)``, so a run resumed at
-epoch ``e`` sees exactly the batches an uninterrupted run would have seen. Optionally a
-per-example uint8 map (the teacher's integrated-gradients maps, :mod:`m2mdc.distill.ig`) is
-overlaid on a seeded fraction of the images; the maps are index-selected, resized and flipped
-together with their images, and the overlay draws come from the same ``(seed, e)`` generator
-(after the order and the flips, which are therefore unchanged).
+The order, the flips and the crops (``dataset.augment``, :mod:`m2mdc.data.augment`) of epoch
+``e`` depend only on ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches an
+uninterrupted run would have seen. Optionally a per-example uint8 map (the teacher's
+integrated-gradients maps, :mod:`m2mdc.distill.ig`) is overlaid on a seeded fraction of the
+images; the maps are index-selected, cropped, resized and flipped together with their images,
+and the overlay draws come from the same ``(seed, e)`` generator (after the order, the flips
+and the crops, which are therefore unchanged).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from m2mdc.data import augment as aug
 from m2mdc.data.datasets import ImageData
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,12 +199,14 @@ class Batches:
         data: the split.
         batch_size: examples per batch.
         image_size: side of the square model input.
-        train: shuffle (seeded per epoch) and random horizontal flips.
-        seed: base seed of the order and flips.
+        train: shuffle (seeded per epoch), random horizontal flips and the ``augment`` crops.
+        seed: base seed of the order, flips and crops.
         device: where batches are produced; the uint8 data is moved there once.
         order: a fixed index order to use instead (the probe set); implies no shuffling.
         split: the split's name in metrics and logs (``test``, ``val``, ...): a training loop
             records its evaluation of these batches as ``<split>_top1``.
+        augment: the ``dataset.augment`` preset (:mod:`m2mdc.data.augment`): its training
+            crops when ``train``, else its evaluation view.
 
     :meth:`with_overlay` returns a copy that overlays per-example maps (see :class:`Overlay`).
     """
@@ -218,8 +222,10 @@ class Batches:
         device: torch.device | str = "cpu",
         order: torch.Tensor | None = None,
         split: str = "test",
+        augment: str = "flip",
     ) -> None:
         self.split = split
+        self.augment = aug.check(augment)
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
@@ -268,26 +274,29 @@ class Batches:
         else:
             idx = torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.train else None
-        ov = self.overlay
+        h, w = self.images.shape[-2:]
         # drawn after the order and the flips, which therefore do not change
+        crops = aug.draw(self.augment, n, h, w, g) if self.train else None
+        ov = self.overlay
         overlaid = (torch.rand(n, generator=g) < ov.prob).to(self.device) if ov else None
         idx = idx.to(self.device)
         buffers = OutputBuffers() if self.device.type == "cpu" else None  # freed with the epoch
         for start in range(start_batch * self.batch_size, n, self.batch_size):
-            b = idx[start : start + self.batch_size]
-            flip = (
-                flips[start : start + self.batch_size].to(self.device)
-                if flips is not None
-                else None
-            )
-            part = (
-                BatchOverlay(
-                    ov.maps[b], overlaid[start : start + self.batch_size], ov.alpha, ov.mode
-                )
+            part = slice(start, start + self.batch_size)
+            b = idx[part]
+            crop = crops[part] if crops is not None else None
+            images = aug.view(self.augment, self.images[b], crop, self.image_size)
+            flip = flips[part].to(self.device) if flips is not None else None
+            over = (
+                BatchOverlay(self._maps(ov, b, crop), overlaid[part], ov.alpha, ov.mode)
                 if ov is not None and overlaid is not None
                 else None
             )
-            yield preprocess(self.images[b], self.image_size, flip, part, buffers), self.labels[b]
+            yield preprocess(images, self.image_size, flip, over, buffers), self.labels[b]
+
+    def _maps(self, ov: Overlay, b: torch.Tensor, crop: torch.Tensor | None) -> torch.Tensor:
+        """The overlay maps of the batch's examples ``b``, cropped like their images."""
+        return aug.view(self.augment, ov.maps[b][:, None], crop, self.image_size)[:, 0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)

@@ -47,6 +47,7 @@ class KDOutputs:
     # stage outputs (adapter.feature_stages), collected only when a term needs them
     s_stages: Mapping[str, torch.Tensor] | None = None
     t_stages: Mapping[str, torch.Tensor] | None = None
+    label_smoothing: float = 0.0  # of the ce term (the training section's label_smoothing)
 
 
 KD_TERMS: Registry[Callable[[KDOutputs], torch.Tensor]] = Registry("kd term")
@@ -54,7 +55,7 @@ KD_TERMS: Registry[Callable[[KDOutputs], torch.Tensor]] = Registry("kd term")
 
 @KD_TERMS.register("ce")
 def ce(o: KDOutputs) -> torch.Tensor:
-    return F.cross_entropy(o.s_logits, o.labels)
+    return F.cross_entropy(o.s_logits, o.labels, label_smoothing=o.label_smoothing)
 
 
 @KD_TERMS.register("logit_cosine")

@@ -159,7 +159,7 @@ def kd_repair(
             feature_index = decay.feature_keep
     if decay is not None:  # the last epoch is the only one at factor 0
         spec = dataclasses.replace(spec, select="last")
-    epochs, perf = spec.epochs, spec.perf
+    epochs, perf, smoothing = spec.epochs, spec.perf, spec.label_smoothing
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -205,7 +205,9 @@ def kd_repair(
         if keep is not None:
             s_feat = s_feat.index_select(1, keep)
         s_al, t_al = aligner(s_feat, t_feat)
-        out = KDOutputs(s_logits, t_logits, s_al, t_al, y, temperature, s_stages, t_stages)
+        out = KDOutputs(
+            s_logits, t_logits, s_al, t_al, y, temperature, s_stages, t_stages, smoothing
+        )
         loss, logged = combine(terms, out, epoch, epochs)
         if sparsity is not None:
             penalty = sparsity.penalty()

@@ -42,7 +42,7 @@ from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.profiling import count_params
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, recalibrate_bn, reported_top1
+from m2mdc.train.loop import TrainSpec, evaluate, fit, recalibrate_bn, reported_top1
 from m2mdc.ui import log, plural
 
 NAME = "teacher_same_epochs"
@@ -71,21 +71,22 @@ def run(ctx: Context) -> dict[str, Any]:
         f"{budget['distill']} KD + {plural(budget['slice_repairs'], 'slicing-repair epoch')}), "
         f"{trainable:,} trainable parameters"
     )
+    spec = TrainSpec.of(
+        cfg,
+        "teacher",
+        epochs=epochs,
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint(NAME),
+        desc=NAME,
+        epoch_offset=len(start.get("epochs", [])),
+    )
     result = fit(
         model,
         model.parameters(),
         ctx.train_batches(),
         ctx.eval_batches(),
-        TrainSpec.of(
-            cfg,
-            "teacher",
-            epochs=epochs,
-            state_path=out / "state.pt",
-            fingerprint=ctx.fingerprint(NAME),
-            desc=NAME,
-            epoch_offset=len(start.get("epochs", [])),
-        ),
-        loss_fn=ce_loss,
+        spec,
+        loss_fn=spec.cross_entropy(),
         val=ctx.val_batches(),
     )
     for p in model.parameters():
@@ -256,7 +257,12 @@ def train_peer(
 
 
 # what every peer's training reads (its match's own settings are in "peer" too)
-PEER_KEYS = ("peer", "kd.lr", "kd.lr_schedule", "kd.grad_clip", "prune.bn_recal_batches", "select")
+PEER_KEYS = (
+    "peer",
+    *(f"kd.{key}" for key in TrainSpec.SECTION_KEYS),  # trained like the students
+    "prune.bn_recal_batches",
+    "select",
+)
 
 
 def _peer_enabled(match: str) -> Callable[[DictConfig], bool]:

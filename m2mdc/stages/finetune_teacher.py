@@ -22,7 +22,7 @@ from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.errors import M2MError
 from m2mdc.stage import Context, Stage, register_stage
-from m2mdc.train.loop import TrainSpec, ce_loss, evaluate, fit, reported_top1
+from m2mdc.train.loop import TrainSpec, evaluate, fit, reported_top1
 from m2mdc.ui import log, plural
 
 
@@ -119,20 +119,21 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     log.info(f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters{head}")
 
+    spec = TrainSpec.of(
+        cfg,
+        "teacher",
+        epochs=epochs,
+        state_path=out / "state.pt",
+        fingerprint=ctx.fingerprint("teacher"),
+        desc="teacher",
+    )
     result = fit(
         model,
         model.parameters(),
         ctx.train_batches(),
         test,
-        TrainSpec.of(
-            cfg,
-            "teacher",
-            epochs=epochs,
-            state_path=out / "state.pt",
-            fingerprint=ctx.fingerprint("teacher"),
-            desc="teacher",
-        ),
-        loss_fn=ce_loss,
+        spec,
+        loss_fn=spec.cross_entropy(),
         val=ctx.val_batches(),
     )
     for p in model.parameters():

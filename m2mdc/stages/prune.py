@@ -123,6 +123,7 @@ def allocate(
         int(cfg.dataset.image_size),
         device=ctx.device,
         order=class_interleaved_order(train.labels, seed=int(cfg.seed))[:n],
+        augment=str(cfg.dataset.augment),
     )
     recal = ctx.train_batches()
 

@@ -21,7 +21,7 @@ from m2mdc.ui import console, log, progress, table
 
 
 def probe_batches(ctx: Context) -> Batches:
-    """The fixed, class-mixed, unaugmented probe set."""
+    """The fixed, class-mixed, unaugmented probe set (in the evaluation view)."""
     cfg = ctx.cfg
     train = ctx.data("train")
     n = min(int(cfg.score.probe_samples), len(train))
@@ -32,6 +32,7 @@ def probe_batches(ctx: Context) -> Batches:
         int(cfg.dataset.image_size),
         device=ctx.device,
         order=order,
+        augment=str(cfg.dataset.augment),
     )
 
 

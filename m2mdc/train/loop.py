@@ -8,6 +8,7 @@ the seed and the epoch number, see :class:`m2mdc.data.loader.Batches`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from m2mdc.config import LR_SCHEDULES
 from m2mdc.data.loader import Batches
 from m2mdc.errors import Interrupted, M2MError, signal_description
 from m2mdc.train import perf as perf_mod
+from m2mdc.train.optim import Optim
+from m2mdc.train.optim import make as make_optimizer
 from m2mdc.ui import log, progress
 
 LossFn = Callable[
@@ -45,25 +48,36 @@ REFERENCE_BATCHES = 20
 """The reference is the mean loss of this many first batches of a training."""
 
 
-def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
     """The learning-rate multiplier after ``t`` optimizer steps of ``total_steps``.
 
     ``constant``: 1. ``cosine``: ``(1 + cos(pi t / T)) / 2``, from 1 at the first step down to
     nearly 0 at the last, per step (SGDR without restarts, Loshchilov & Hutter 2017).
+    ``warmup_steps`` W > 0: a linear warmup first, ``(t + 1) / W`` for ``t < W`` (the W-th step
+    at the full rate), then the schedule over the remaining ``T - W`` steps from ``t - W``
+    (Goyal et al. 2017).
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    after = _schedule(schedule, max(total_steps - warmup_steps, 1))
+    if warmup_steps <= 0:
+        return after
+    return lambda t: (t + 1) / warmup_steps if t < warmup_steps else after(t - warmup_steps)
+
+
+def _schedule(schedule: str, total_steps: int) -> Callable[[int], float]:
     if schedule == "constant":
         return lambda t: 1.0
     return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
 
 
 def ce_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Plain cross-entropy training (a :data:`LossFn`): the teacher's fine-tune objective."""
+    """Plain cross-entropy training (a :data:`LossFn`): the teacher's fine-tune objective;
+    :meth:`TrainSpec.cross_entropy` binds the section's ``label_smoothing``."""
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     return loss, logits, {"ce": loss}
 
 
@@ -276,7 +290,7 @@ class TrainSpec:
 
     Attributes:
         epochs: epochs to train.
-        lr: Adam's learning rate.
+        lr: the optimizer's learning rate.
         grad_clip: the gradient-norm clip (0: none).
         state_path: the resumable state; removed by the caller once the stage's outputs are
             saved.
@@ -299,6 +313,10 @@ class TrainSpec:
             ``e + epoch_offset`` (training that continues an earlier one sees new shuffles).
         lr_key: the setting ``lr`` came from (e.g. ``teacher.lr``), named in the divergence
             error.
+        optim: the optimizer (:class:`m2mdc.train.optim.Optim`; Adam by default).
+        label_smoothing: of the cross-entropy term (:meth:`cross_entropy`, the KD ``ce`` term).
+        warmup_epochs: epochs of linear warmup per step before ``lr_schedule`` (see
+            :func:`lr_factor`).
     """
 
     epochs: int
@@ -312,22 +330,45 @@ class TrainSpec:
     perf: Any = None
     epoch_offset: int = 0
     lr_key: str | None = None
+    optim: Optim = field(default_factory=Optim)
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0
+
+    # what :meth:`of` reads from a training section
+    SECTION_KEYS: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "grad_clip",
+        "lr_schedule",
+        "optim",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "label_smoothing",
+        "warmup_epochs",
+    )
 
     @classmethod
     def of(cls, cfg: Any, section: str, **fields: Any) -> TrainSpec:
-        """The spec of config section ``section`` (``teacher``, ``kd``): its ``lr``,
-        ``grad_clip`` and ``lr_schedule``, the run's ``select`` and ``perf``; ``fields`` gives
-        the rest (``epochs``, ``state_path``, ``fingerprint``, ``desc``, ...)."""
+        """The spec of config section ``section`` (``teacher``, ``kd``): its
+        :attr:`SECTION_KEYS`, the run's ``select`` and ``perf``; ``fields`` gives the rest
+        (``epochs``, ``state_path``, ``fingerprint``, ``desc``, ...)."""
         sec = cfg[section]
         return cls(
             lr=float(sec.lr),
             grad_clip=float(sec.grad_clip),
             lr_schedule=str(sec.lr_schedule),
+            optim=Optim.of(sec),
+            label_smoothing=float(sec.label_smoothing),
+            warmup_epochs=int(sec.warmup_epochs),
             select=str(cfg.select),
             perf=cfg.perf,
             lr_key=f"{section}.lr",
             **fields,
         )
+
+    def cross_entropy(self) -> LossFn:
+        """:func:`ce_loss` with this training's ``label_smoothing``."""
+        return functools.partial(ce_loss, label_smoothing=self.label_smoothing)
 
     @staticmethod
     def given(spec: TrainSpec | None, fields: dict[str, Any]) -> TrainSpec:
@@ -352,7 +393,8 @@ def fit(
     extra_state: nn.Module | None = None,
     **fields: Any,
 ) -> FitResult:
-    """Train ``model`` with Adam as ``spec`` says, resuming from its state file if present.
+    """Train ``model`` as ``spec`` says (Adam unless ``spec.optim`` says otherwise), resuming
+    from its state file if present.
 
     The state (model, optimizer, epoch, batch position, running sums, history, RNG states) is
     saved atomically after every epoch (after the last one without the optimizer, which has
@@ -478,16 +520,10 @@ class _Run:
         self.best: dict[str, Any] | None = None
         self.device = train.device
         self.pf = perf_mod.resolve(spec.perf, self.device)
-        self.opt = perf_mod.adam(self.params, spec.lr, self.pf)
+        self.opt = make_optimizer(self.params, spec.lr, spec.optim, self.pf)
         self.fwd = perf_mod.prepare(model, self.pf, self.device)  # what loss_fn calls
         self.scaler = perf_mod.grad_scaler(self.pf, self.device)
-        total_steps = spec.epochs * len(train)
-        self.factor = lr_factor(spec.lr_schedule, total_steps)
-        scheduled = spec.lr_schedule != "constant" and total_steps > 0
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.factor) if scheduled else None
-        self.schedule_id = (
-            {"name": spec.lr_schedule, "total_steps": total_steps} if scheduled else None
-        )
+        self._schedule(spec.epochs * len(train), spec.warmup_epochs * len(train))
         self.start, self.start_step = 1, 0
         self.partial: dict[str, Any] | None = None
         self.kept = "no state of this training was saved yet"
@@ -501,6 +537,19 @@ class _Run:
             if key
             else f"try a lower learning rate (it is {spec.lr:g}) or check the data"
         )
+
+    def _schedule(self, total_steps: int, warmup_steps: int) -> None:
+        """The per-step rate factor, its scheduler (None while the rate stays ``lr``) and its
+        identity in the state (a state is continued only under the same schedule)."""
+        spec = self.spec
+        self.factor = lr_factor(spec.lr_schedule, total_steps, warmup_steps)
+        scheduled = (spec.lr_schedule != "constant" or warmup_steps > 0) and total_steps > 0
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.factor) if scheduled else None
+        self.schedule_id = (
+            {"name": spec.lr_schedule, "total_steps": total_steps} if scheduled else None
+        )
+        if self.schedule_id is not None and warmup_steps > 0:
+            self.schedule_id["warmup_steps"] = warmup_steps
 
     def _resumable(self) -> dict[str, Any] | None:
         """The state on disk if it holds this training, to continue exactly; else None."""

@@ -163,9 +163,10 @@ def autocast(cfg: Any, device: torch.device | str) -> AbstractContextManager[Any
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def adam(params: list[nn.Parameter], lr: float, cfg: Any) -> torch.optim.Adam:
-    """Adam over ``params``; the fused implementation when ``perf.fused_adam`` is set and the
-    installed torch has one for the parameters' device (else the per-parameter loop)."""
+def adam(params: list[Any], lr: float, cfg: Any) -> torch.optim.Adam:
+    """Adam over ``params`` (parameters, or parameter groups); the fused implementation when
+    ``perf.fused_adam`` is set and the installed torch has one for the parameters' device (else
+    the per-parameter loop)."""
     if params and resolve(cfg).fused_adam:
         try:
             return torch.optim.Adam(params, lr=lr, fused=True)
