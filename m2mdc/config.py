@@ -19,7 +19,6 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from m2mdc.errors import M2MError
 
-MODELS = ("resnet18", "resnet34", "mobilenet_v2")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEVICES = ("auto", "cpu", "cuda")
 COMPARISONS = ("teacher_same_epochs", "torch_pruning")
@@ -38,7 +37,9 @@ def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f(MISSING, choices=MODELS)
+    # the choices are the adapter registry's (m2mdc.arch.adapters.ADAPTERS), checked one layer up
+    # with the other model settings (m2mdc.structure.check_model): the registry imports torch
+    name: str = MISSING
     pretrained: bool = False
     weights: str | None = None
 

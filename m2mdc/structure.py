@@ -1,5 +1,7 @@
-"""Settings that name parts of the model, checked against the model's structure up front.
+"""Settings that name the model or parts of it, checked against the model's structure up front.
 
+``model.name`` must be a model of the adapter registry (:data:`m2mdc.arch.adapters.ADAPTERS`),
+and ``model.pretrained=true`` needs a model with ImageNet weights (:func:`check_model`).
 ``prune.keep_cfg`` names stages and block indices, ``slice.planes_keep`` / ``slice.mid_keep``
 may map stages to fractions. Before any stage runs (and before Hydra creates a run
 directory), :func:`check_model_parts` checks them against the structure of ``model.name``,
@@ -7,8 +9,9 @@ with the architecture adapter's own rules (``ArchAdapter.keep`` for the keep con
 ``plane_stages`` / ``mid_producers`` for slicing). The structure is an unpruned model built
 on PyTorch's meta device: no weights, no data, no training; one per model name and process.
 
-torch is imported only when a setting names a model part, so validating an ordinary
-configuration stays as cheap as composing it.
+The schema's own checks (:func:`m2mdc.config.validate`) need no torch; the registry of models
+does, so :func:`validate_all` imports it after them: every command that validates a
+configuration goes on to build a model anyway.
 
 Example:
     >>> check_model_parts(compose("config", overrides=["prune.keep_cfg={layer2:[1]}"]))
@@ -56,6 +59,21 @@ def reference_model(name: str) -> nn.Module:
 
     with torch.device("meta"):
         return get_adapter(name).create(name, PLACEHOLDER_CLASSES)
+
+
+def check_model(cfg: Any) -> None:
+    """Refuse a ``model.name`` that no adapter builds (M2MError listing the registry's models),
+    and ``model.pretrained=true`` without ``model.weights`` on a model that has no ImageNet
+    weights (the adapter's own one-line refusal)."""
+    from m2mdc.arch import ADAPTERS
+
+    name = cfg.model.name
+    if name not in ADAPTERS:
+        raise M2MError(
+            f"model.name={name!r} is not valid; choose one of: {', '.join(ADAPTERS.names())}"
+        )
+    if cfg.model.get("pretrained") and not cfg.model.get("weights"):
+        ADAPTERS.get(name).imagenet_weights(name)
 
 
 def check_model_parts(cfg: Any) -> None:
@@ -123,8 +141,9 @@ def _check_sliced_stage(
 
 def validate_all(cfg: Any) -> None:
     """Everything checked before a command runs: the schema's ranges and choices
-    (:func:`m2mdc.config.validate`), then the settings that name model parts."""
+    (:func:`m2mdc.config.validate`), then the model and the settings that name its parts."""
     from m2mdc.config import validate
 
     validate(cfg)
+    check_model(cfg)
     check_model_parts(cfg)

@@ -45,8 +45,10 @@ def refused(monkeypatch, tmp_path, capsys):
 
 
 # ResNet-18/34 have BasicBlock stages of (2, 2, 2, 2) / (3, 4, 6, 3) blocks; the first block of
-# layer2..4 downsamples (protected). MobileNetV2's groups c16..c320 hold (1, 2, 3, 4, 3, 3, 1)
-# inverted residuals, the first of each group protected; features.1 (c16) has no expansion.
+# layer2..4 downsamples (protected). The CIFAR ResNets have three stages layer1..3 of n blocks
+# (resnet20: 3, resnet56: 9), layer2.0 and layer3.0 protected. MobileNetV2's groups c16..c320
+# hold (1, 2, 3, 4, 3, 3, 1) inverted residuals, the first of each group protected; features.1
+# (c16) has no expansion.
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -89,6 +91,34 @@ def refused(monkeypatch, tmp_path, capsys):
             "slice.planes_keep: unknown stage 'layer4' for mobilenet_v2; valid stages: c24, c32",
         ),
         (
+            ["model=resnet20", "slice.planes_keep={layer3:0.5,layer4:0.5}"],
+            "slice.planes_keep: unknown stage 'layer4' for resnet20; valid stages: layer2, "
+            "layer3 (and layer1 with slice.include_first_stage=true)",
+        ),
+        (
+            ["model=resnet20", "prune.keep_cfg={layer4:[0]}"],
+            "prune.keep_cfg: unknown stage 'layer4'; stages: layer1, layer2, layer3",
+        ),
+        (
+            ["model=resnet56", "prune.keep_cfg={layer3:[1,8]}"],
+            "prune.keep_cfg: layer3.0 is a protected transition block and cannot be removed",
+        ),
+        (
+            ["model=resnet56", "prune.keep_cfg={layer2:[0,9]}"],
+            "prune.keep_cfg: layer2.9 does not exist; valid layer2 indices: 0, 1, 2, 3, 4, 5, 6, "
+            "7, 8",
+        ),
+        (
+            ["model=resnet20", "model.pretrained=true"],
+            "model.pretrained=true: resnet20 has no ImageNet weights (the CIFAR ResNets train "
+            "from scratch); set model.pretrained=false, or model.weights=PATH for your own",
+        ),
+        (
+            ["model.name=resnet19"],
+            "model.name='resnet19' is not valid; choose one of: mobilenet_v2, resnet110, "
+            "resnet18, resnet20, resnet32, resnet34, resnet56",
+        ),
+        (
             ["budget.macs=0.3", "prune.keep_cfg={layer3:[0]}"],
             "budget.macs and prune.keep_cfg both choose the blocks; give one",
         ),
@@ -113,12 +143,15 @@ def test_settings_naming_model_parts_are_checked_before_anything_runs(refused, a
         ["slice.include_first_stage=true", "slice.planes_keep={layer1:0.25,layer4:0.5}"],
         ["model=resnet34", "prune.keep_cfg={layer3:[0,5]}", "slice.mid_keep={layer3:0.25}"],
         ["model=mobilenet_v2", "prune.keep_cfg={c24:[0],c96:[0,2]}", "slice.mid_keep={c24:0.5}"],
+        ["model=resnet20", "prune.keep_cfg={layer1:[2],layer3:[0,1]}", "slice.mid_keep={layer3:1}"],
+        ["model=resnet56", "slice.include_first_stage=true", "slice.planes_keep={layer1:0.5}"],
+        ["model=resnet110", "model.pretrained=true", "model.weights=my_resnet110.pth"],
     ],
 )
 def test_settings_that_fit_the_model_pass(compose_cfg, args):
-    from m2mdc.config import validate
+    from m2mdc.structure import validate_all
 
-    validate(compose_cfg(*args))
+    validate_all(compose_cfg(*args))
 
 
 def test_the_structure_is_built_on_the_meta_device_once_per_model():
@@ -128,6 +161,9 @@ def test_the_structure_is_built_on_the_meta_device_once_per_model():
     assert reference_model("resnet34") is model
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+    cifar = reference_model("resnet56")
+    assert {p.device.type for p in cifar.parameters()} == {"meta"}
+    assert [len(getattr(cifar, f"layer{i}")) for i in range(1, 4)] == [9, 9, 9]
 
 
 def test_validating_a_config_without_model_parts_needs_no_torch():

@@ -54,7 +54,25 @@ def test_plan_slice_cuts_every_planes_and_mid_group_of_its_stages():
     assert slice_groups(model, None, None, stages=["layer2"]) == []
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_cifar_resnet_groups_are_the_planes_of_its_three_stages_and_their_blocks_mid():
+    """resnet20: stages of 3 blocks at 16, 32, 64 planes; at 0.5 every group keeps half."""
+    model = _random_bn(create_model("resnet20", 10))
+    stages = ["layer1", "layer2", "layer3"]
+    groups = slice_groups(model, 0.5, 0.5, stages=stages)
+    widths = {"layer1": 16, "layer2": 32, "layer3": 64}
+    assert [(g.kind, g.name, g.width, g.keep) for g in groups] == [
+        *[("planes", s, widths[s], widths[s] // 2) for s in stages],
+        *[("mid", f"{s}.{i}", widths[s], widths[s] // 2) for s in stages for i in range(3)],
+    ]
+    ds = model.layer2[0].downsample
+    assert groups[1].producers == [(ds[0], ds[1]), *[(b.conv2, b.bn2) for b in model.layer2]]
+    assert groups[0].producers[0] == (model.conv1, model.bn1)  # layer1.0: identity shortcut
+    sliced = get_adapter(model).slice(model, plan_slice(model, 0.5, 0.5, stages=stages))
+    assert sliced.conv1.out_channels == 8 and sliced.layer3[0].downsample[0].in_channels == 16
+    assert sliced.fc.in_features == 32 and sliced(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "mobilenet_v2"])
 def test_decayed_channels_are_cut_without_changing_the_logits(name):
     torch.manual_seed(0)
     model = _random_bn(create_model(name, 10))

@@ -1,4 +1,5 @@
-"""Architecture adapters (ResNet-18/34, MobileNetV2), tensor surgery and model creation.
+"""Architecture adapters (ResNet-18/34, the CIFAR ResNets, MobileNetV2), tensor surgery and
+model creation.
 
 Example:
     >>> from m2mdc.arch import get_adapter

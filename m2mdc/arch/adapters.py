@@ -10,7 +10,8 @@ from m2mdc.arch.resnet import ResNetAdapter
 from m2mdc.registry import Registry
 
 ADAPTERS: Registry[ArchAdapter] = Registry("model")
-"""Model name (``resnet18``, ``resnet34``, ``mobilenet_v2``) -> the adapter of its family."""
+"""Model name -> the adapter of its family; the one list of the models m2mdc builds (the
+``model.name`` choices, checked by :func:`m2mdc.structure.check_model`)."""
 
 for _adapter in (ResNetAdapter(), MobileNetV2Adapter()):
     for _name in _adapter.model_names:

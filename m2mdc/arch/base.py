@@ -78,7 +78,7 @@ class ArchAdapter(Protocol):
     def create(
         self, name: str, num_classes: int, weights: Any = None, *, source: str = "weights"
     ) -> nn.Module:
-        """Torchvision model ``name`` with a ``num_classes`` classifier; sets ``model.m2mdc_arch``.
+        """Model ``name`` with a ``num_classes`` classifier; sets ``model.m2mdc_arch``.
 
         ``weights`` is None (fresh init), a torchvision weights enum (downloaded) or a state_dict
         with either an ImageNet (1000-class) head, which is replaced by a fresh classifier, or a
@@ -87,7 +87,8 @@ class ArchAdapter(Protocol):
         ...
 
     def imagenet_weights(self, name: str) -> Any:
-        """The torchvision ``IMAGENET1K_V1`` weights enum of model ``name``."""
+        """The torchvision ``IMAGENET1K_V1`` weights enum of model ``name``; M2MError naming
+        ``model.pretrained`` for a model that has none."""
         ...
 
     def build(self, arch: Mapping[str, Any]) -> nn.Module:
@@ -183,7 +184,7 @@ class AdapterBase:
 
     # ---- family hooks -------------------------------------------------------------------
     def _torchvision(self, name: str, num_classes: int) -> nn.Module:
-        """The plain torchvision model with fresh weights."""
+        """The plain model (torchvision's, or m2mdc's own definition) with fresh weights."""
         raise NotImplementedError
 
     def _set_classifier(self, model: nn.Module, linear: nn.Linear) -> None:

@@ -31,13 +31,14 @@ __all__ = [
 def create_model(
     name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
 ) -> nn.Module:
-    """Torchvision model ``name`` with a ``num_classes`` classifier and ``model.m2mdc_arch`` set.
+    """Model ``name`` with a ``num_classes`` classifier and ``model.m2mdc_arch`` set.
 
     Args:
-        name: ``resnet18``, ``resnet34`` or ``mobilenet_v2``.
+        name: a model of :data:`m2mdc.arch.adapters.ADAPTERS` (``resnet18``, ``resnet56``,
+            ``mobilenet_v2``, ...).
         num_classes: classes of the task head.
         pretrained: start from torchvision's ``IMAGENET1K_V1`` weights (downloaded to, or read
-            from, the torch hub cache).
+            from, the torch hub cache); the CIFAR ResNets have none.
         weights_path: a local torchvision state_dict (ImageNet 1000-class head, or already a
             ``num_classes`` head); takes precedence over ``pretrained`` so that offline machines
             can pass the file they have.
@@ -47,9 +48,9 @@ def create_model(
         head is kept.
 
     Raises:
-        M2MError: unknown model, download failure (naming the URL and the cache path to place the
-            file at), unreadable weights file, or a file that does not fit the model (naming the
-            first mismatching key/shape).
+        M2MError: unknown model, ``pretrained`` for a model without ImageNet weights, download
+            failure (naming the URL and the cache path to place the file at), unreadable weights
+            file, or a file that does not fit the model (naming the first mismatching key/shape).
     """
     return create_model_and_head(name, num_classes, pretrained, weights_path)[0]
 
@@ -80,7 +81,7 @@ def trainable_prefixes(model: nn.Module, unfreeze: str) -> tuple[str, ...]:
     if unfreeze == "all":
         return ()
     family = model.m2mdc_arch["family"]  # type: ignore[index]
-    if family == "resnet":
+    if family == "resnet":  # ResNet-18/34: layer3, layer4; the CIFAR ResNets (3 stages): layer3
         return ("layer3.", "layer4.", "fc.")
     n = len(model.features)  # type: ignore[arg-type]
     first = n - round(n / 3)

@@ -2,8 +2,9 @@
 
 ImageNet-pretrained torchvision model (or from scratch, or a local state_dict), classifier
 replaced for the dataset's classes, the last third of the backbone unfrozen (ResNet: layer3,
-layer4, fc; MobileNetV2: features[13:] and the classifier, i.e. the last 6 of its 19 feature
-modules), Adam at ``teacher.lr``, gradient clipping at ``teacher.grad_clip``.
+layer4, fc; CIFAR ResNets: layer3, fc; MobileNetV2: features[13:] and the classifier, i.e. the
+last 6 of its 19 feature modules), Adam at ``teacher.lr``, gradient clipping at
+``teacher.grad_clip``.
 
 ``teacher.checkpoint``: an m2mdc checkpoint, or a plain state_dict whose head has the dataset's
 classes, is the finished teacher (0 epochs). A state_dict with another head (e.g. ImageNet's

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from m2mdc.arch import ADAPTERS, BlockRef, SlicePlan, get_adapter
 from m2mdc.errors import M2MError
+from m2mdc.hydra_args import conf_dir
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -18,7 +20,7 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 def teachers():
     torch.manual_seed(0)
     out = {}
-    for name in ("resnet18", "resnet34", "mobilenet_v2"):
+    for name in ("resnet18", "resnet34", "resnet20", "mobilenet_v2"):
         out[name] = get_adapter(name).create(name, num_classes=10).eval()
     return out
 
@@ -27,16 +29,27 @@ def _full_keep(model):
     return {s: list(v) for s, v in model.m2mdc_arch["keep"].items()}
 
 
+MODELS = ["mobilenet_v2", "resnet110", "resnet18", "resnet20", "resnet32", "resnet34", "resnet56"]
+
+
 def test_registry_and_get_adapter(teachers):
-    assert ADAPTERS.names() == ["mobilenet_v2", "resnet18", "resnet34"]
+    assert ADAPTERS.names() == MODELS
     assert get_adapter("resnet34") is get_adapter(teachers["resnet18"])
+    assert get_adapter("resnet56") is get_adapter(teachers["resnet18"])  # one ResNet adapter
     assert get_adapter(teachers["mobilenet_v2"]).family == "mobilenet_v2"
-    with pytest.raises(M2MError, match="valid choices: mobilenet_v2, resnet18, resnet34"):
+    with pytest.raises(M2MError, match=f"valid choices: {', '.join(MODELS)}$"):
         get_adapter("vgg16")
     with pytest.raises(ValueError, match="no m2mdc_arch"):
         get_adapter(nn.Linear(2, 2))
     with pytest.raises(M2MError, match="not a resnet model"):
         get_adapter("resnet18").create("mobilenet_v2", 10)
+
+
+def test_every_registered_model_has_its_config_group_option():
+    """``model=NAME`` (conf/model/NAME.yaml) exists for exactly the registry's models."""
+    files = sorted((conf_dir() / "model").glob("*.yaml"))
+    assert [f.stem for f in files] == MODELS
+    assert all(yaml.safe_load(f.read_text())["name"] == f.stem for f in files)
 
 
 def test_resnet18_blocks_and_protection(teachers):
@@ -70,7 +83,7 @@ def test_mobilenet_v2_blocks_groups_and_protection(teachers):
     assert [b.stage for b in blocks[6:10]] == ["c64"] * 4
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet20", "mobilenet_v2"])
 def test_keep_everything_and_slice_everything_change_no_output(teachers, name):
     m = teachers[name]
     ad = get_adapter(m)
@@ -89,7 +102,7 @@ def test_keep_everything_and_slice_everything_change_no_output(teachers, name):
         assert torch.equal(sliced(X), ref)
         feats, logits = ad.forward_features(m, X)
         assert torch.equal(logits, ref)
-    assert feats.shape == (2, 512 if name.startswith("resnet") else 1280)
+    assert feats.shape == (2, {"resnet20": 64, "mobilenet_v2": 1280}.get(name, 512))
     assert ad.arch(sliced) == ad.arch(m)
 
 

@@ -17,6 +17,9 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 TEACHER_DEPTHS = {
     "resnet18": {"layer1": 2, "layer2": 2, "layer3": 2, "layer4": 2},
     "resnet34": {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3},
+    # the CIFAR ResNets: three stages of n = (depth - 2) / 6 blocks
+    "resnet20": {"layer1": 3, "layer2": 3, "layer3": 3},
+    "resnet56": {"layer1": 9, "layer2": 9, "layer3": 9},
     "mobilenet_v2": {"c16": 1, "c24": 2, "c32": 3, "c64": 4, "c96": 3, "c160": 3, "c320": 1},
 }
 MBV2_EXPANSION = {"c16": 1, "c24": 6, "c32": 6, "c64": 6, "c96": 6, "c160": 6, "c320": 6}
@@ -38,9 +41,10 @@ def linear(cin: int, cout: int) -> int:
 def resnet_params(arch: dict) -> int:
     planes, mid, nc = arch["widths"]["planes"], arch["widths"]["mid"], arch["num_classes"]
     stem = planes["layer1"]  # layer1.0 has an identity shortcut: the stem feeds it directly
-    total = conv(3, stem, 7) + bn(stem)
+    cifar = arch["name"] in ("resnet20", "resnet56")  # 3x3 stem (ImageNet ResNets: 7x7)
+    total = conv(3, stem, 3 if cifar else 7) + bn(stem)
     cin = stem
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
+    for stage in TEACHER_DEPTHS[arch["name"]]:
         p = planes[stage]
         for i in range(len(arch["keep"][stage])):
             m = mid[f"{stage}.{i}"]
@@ -92,6 +96,8 @@ def test_closed_form_matches_known_totals(teachers):
     assert resnet_params({**r18, "num_classes": 1000}) == 11_689_512  # torchvision's meta
     r34 = get_adapter("resnet34").arch(teachers["resnet34"])
     assert resnet_params({**r34, "num_classes": 1000}) == 21_797_672
+    r56 = get_adapter("resnet56").arch(teachers["resnet56"])
+    assert resnet_params(r56) == 855_770 == n_params(teachers["resnet56"])  # test_cifar_resnet
     mb = get_adapter("mobilenet_v2").arch(teachers["mobilenet_v2"])
     assert mobilenet_params({**mb, "num_classes": 1000}) == 3_504_872
     assert mobilenet_params(mb) == n_params(teachers["mobilenet_v2"])
@@ -146,8 +152,9 @@ def _check_slices(name: str, student, sliced, plan: SlicePlan) -> None:
             m = plan.mid.get(f"{stage}.{i}")
             assert torch.equal(dst.conv2.weight, _sel(_sel(src.conv2.weight, 0, p), 1, m))
             assert torch.equal(dst.bn2.running_var, _sel(src.bn2.running_var, 0, p))
-        if "layer4" in plan.planes:
-            assert torch.equal(sliced.fc.weight, _sel(student.fc.weight, 1, plan.planes["layer4"]))
+        last = list(TEACHER_DEPTHS[name])[-1]
+        if last in plan.planes:
+            assert torch.equal(sliced.fc.weight, _sel(student.fc.weight, 1, plan.planes[last]))
         for block, m in plan.mid.items():
             src, dst = student.get_submodule(block), sliced.get_submodule(block)
             stage, i = block.split(".")
@@ -233,6 +240,18 @@ def test_resnet18_keep_and_slice_property(teachers, data):
 @given(data=st.data())
 def test_resnet34_keep_and_slice_property(teachers, data):
     _run_property(teachers, "resnet34", data)
+
+
+@settings(max_examples=10, **_SETTINGS)
+@given(data=st.data())
+def test_resnet20_keep_and_slice_property(teachers, data):
+    _run_property(teachers, "resnet20", data)
+
+
+@settings(max_examples=4, **_SETTINGS)
+@given(data=st.data())
+def test_resnet56_keep_and_slice_property(teachers, data):
+    _run_property(teachers, "resnet56", data)
 
 
 @settings(max_examples=10, **_SETTINGS)
