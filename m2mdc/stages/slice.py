@@ -191,15 +191,41 @@ def _resume(su: _Setup, groups: list[list[str]]) -> tuple[int, Any, dict[str, An
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    sc = cfg.slice
-    out = ctx.stage_dir("slice")
+    sc = ctx.cfg.slice
+    su, student, stages = _setup(ctx)
+    adapter = get_adapter(student)
+    feat_index = list(range(adapter.classifier(su.teacher).in_features))
+    start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
+    # the slicing steps: one stage each (progressive), or every stage at once (oneshot,
+    # gradual), which then repairs for the epochs the progressive steps would have had together
+    groups = [[s] for s in stages] if sc.schedule == "progressive" else [stages] if stages else []
+    done_steps, model, meta = _resume(su, groups)
+    if model is not None:
+        student, feat_index = model, list(meta["feat_index"])
+    steps: list[dict[str, Any]] = list(meta.get("steps", []))
+    plan_steps: list[dict[str, Any]] = list(meta.get("plan_steps", []))
+    for n in range(done_steps + 1, len(groups) + 1):
+        before = steps[-1]["top1_repaired"] if steps else start_top1
+        done = _step(su, student, n, groups, feat_index, before)
+        if done is None:  # nothing to cut in this step's stages
+            continue
+        student, row, plan, feat_index = done
+        steps.append(row)
+        plan_steps.append(
+            {"step": n, "stage": row["stage"], "planes": plan.planes, "mid": plan.mid}
+        )
+        meta = {"fingerprint": su.fp, "steps": steps, "plan_steps": plan_steps}
+        save_checkpoint(su.out / f"step-{n}.pt", student, meta | {"feat_index": feat_index})
+        student.to(ctx.device)
+    return _finish(su, student, steps, plan_steps, feat_index, start_top1)
+
+
+def _setup(ctx: Context) -> tuple[_Setup, nn.Module, list[str]]:
+    """What the steps share, the distilled student and the stages slicing visits."""
+    cfg, sc = ctx.cfg, ctx.cfg.slice
     teacher = ctx.load_model("teacher")
     student = ctx.load_model("distill")
-    adapter = get_adapter(student)
-    planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
     train, test = ctx.train_batches(), ctx.eval_batches()
-    size = int(cfg.profile.input_size or cfg.dataset.image_size)
     stages = slice_stages(ctx.cfg, student)
     kd_train = train
     if int(sc.repair_epochs) > 0 and stages:
@@ -212,76 +238,81 @@ def run(ctx: Context) -> dict[str, Any]:
             cache_dir=ctx.cache_dir if cfg.use_cache else None,
         )
     terms = repair_terms(terms_from_config(cfg.kd), int(cfg.kd.epochs), sc.repair_ramp)
-    su = _Setup(ctx, teacher, train, kd_train, test, terms, "", out)
-    su.fp = ctx.fingerprint("slice")
-    feat_index = list(range(adapter.classifier(teacher).in_features))
-    start_top1 = read_json(ctx.run_dir / "distill" / "metrics.json")["top1"]
-    # the slicing steps: one stage each (progressive), or every stage at once (oneshot,
-    # gradual), which then repairs for the epochs the progressive steps would have had together
-    groups = [[s] for s in stages] if sc.schedule == "progressive" else [stages] if stages else []
-    done_steps, model, meta = _resume(su, groups)
-    if model is not None:
-        student, feat_index = model, list(meta["feat_index"])
-    steps: list[dict[str, Any]] = list(meta.get("steps", []))
-    plan_steps: list[dict[str, Any]] = list(meta.get("plan_steps", []))
-    stage_of = {b.name: b.stage for b in adapter.blocks(student)}
-    for n, group in enumerate(groups, start=1):
-        if n <= done_steps:
-            continue
-        # every selection of a step reads the same model: the one before the step's cut
-        plan = plan_slice(
-            student,
-            planes_keep,
-            mid_keep,
-            stages=group,
-            round_to=int(sc.round_to),
-            select_fn=_selector(ctx, student),
+    out = ctx.stage_dir("slice")
+    return (
+        _Setup(ctx, teacher, train, kd_train, test, terms, ctx.fingerprint("slice"), out),
+        student,
+        stages,
+    )
+
+
+def _step(
+    su: _Setup,
+    student: nn.Module,
+    n: int,
+    groups: list[list[str]],
+    feat_index: list[int],
+    before: float,
+) -> tuple[nn.Module, dict[str, Any], SlicePlan, list[int]] | None:
+    """Step ``n``: plan the cut of its stages, cut (oneshot/progressive: then recalibrate and
+    repair; gradual: decay while repairing, then cut); the sliced student, the step's metrics
+    row, its plan and the classifier's feature index. None when nothing is cut."""
+    ctx, sc = su.ctx, su.ctx.cfg.slice
+    planes_keep, mid_keep = slice_fractions(ctx.cfg, ctx.run_dir)
+    group = groups[n - 1]
+    # every selection of a step reads the same model: the one before the step's cut
+    plan = plan_slice(
+        student,
+        planes_keep,
+        mid_keep,
+        stages=group,
+        round_to=int(sc.round_to),
+        select_fn=_selector(ctx, student),
+    )
+    if not plan.planes and not plan.mid:
+        return None
+    stage_of = {b.name: b.stage for b in get_adapter(student).blocks(student)}
+    cut_stages = set(plan.planes) | {stage_of[b] for b in plan.mid}
+    cut = [g for g in group if g in cut_stages]  # a step repairs repair_epochs per stage
+    stage, epochs = "+".join(cut), int(sc.repair_epochs) * len(cut)
+    head = head_keep(student, plan)  # the classifier's kept inputs, when the cut narrows it
+    new_index = feat_index if head is None else [feat_index[i] for i in head]
+    if sc.schedule == "gradual":
+        student, row, result = _decay_then_cut(su, student, plan, n, stage, epochs, new_index)
+    else:
+        later = [s for g in groups[n:] for s in g]  # the stages of the steps still to come
+        student, row, result = _cut_then_repair(
+            su, student, plan, n, stage, epochs, new_index, later
         )
-        if not plan.planes and not plan.mid:
-            continue
-        cut_stages = set(plan.planes) | {stage_of[b] for b in plan.mid}
-        cut = [g for g in group if g in cut_stages]  # a step repairs repair_epochs per stage
-        stage, epochs = "+".join(cut), int(sc.repair_epochs) * len(cut)
-        before = steps[-1]["top1_repaired"] if steps else start_top1
-        head = head_keep(student, plan)  # the classifier's kept inputs, when the cut narrows it
-        new_index = feat_index if head is None else [feat_index[i] for i in head]
-        if sc.schedule == "gradual":
-            student, row, result = _decay_then_cut(su, student, plan, n, stage, epochs, new_index)
-        else:
-            later = [s for g in groups[n:] for s in g]  # the stages of the steps still to come
-            student, row, result = _cut_then_repair(
-                su, student, plan, n, stage, epochs, new_index, later
-            )
-        feat_index = new_index
-        row = {"step": n, "stage": stage, "top1_before": before, **row}
-        row["repair"] = result.history
-        row["selection"] = result.selection()
-        row.update(
-            {
-                "params": count_params(student),
-                **count_macs(student, size),
-                "planes": {s: len(v) for s, v in plan.planes.items()},
-                "mid": {b: len(v) for b, v in plan.mid.items()},
-            }
-        )
-        steps.append(row)
-        plan_steps.append({"step": n, "stage": stage, "planes": plan.planes, "mid": plan.mid})
-        save_checkpoint(
-            out / f"step-{n}.pt",
-            student,
-            {
-                "fingerprint": su.fp,
-                "steps": steps,
-                "plan_steps": plan_steps,
-                "feat_index": feat_index,
-            },
-        )
-        student.to(ctx.device)
-        log.info(
-            f"slice {stage}: top1 {before:.2f}% before the cut, {row['top1_sliced']:.2f}% cut, "
-            f"{row['top1_recal']:.2f}% after BN recal, {row['top1_repaired']:.2f}% final; "
-            f"MACs {row['macs']:,}"
-        )
+    size = _size(ctx)
+    row = {"step": n, "stage": stage, "top1_before": before, **row}
+    row |= {"repair": result.history, "selection": result.selection()}
+    row |= {"params": count_params(student), **count_macs(student, size)}
+    row |= {"planes": {s: len(v) for s, v in plan.planes.items()}}
+    row |= {"mid": {b: len(v) for b, v in plan.mid.items()}}
+    log.info(
+        f"slice {stage}: top1 {before:.2f}% before the cut, {row['top1_sliced']:.2f}% cut, "
+        f"{row['top1_recal']:.2f}% after BN recal, {row['top1_repaired']:.2f}% final; "
+        f"MACs {row['macs']:,}"
+    )
+    return student, row, plan, new_index
+
+
+def _size(ctx: Context) -> int:
+    """The input side MACs are counted at."""
+    return int(ctx.cfg.profile.input_size or ctx.cfg.dataset.image_size)
+
+
+def _finish(
+    su: _Setup,
+    student: nn.Module,
+    steps: list[dict[str, Any]],
+    plan_steps: list[dict[str, Any]],
+    feat_index: list[int],
+    start_top1: float,
+) -> dict[str, Any]:
+    """The stage's outputs: model.pt, plan.json and metrics.json (the step files go)."""
+    ctx, sc, out, size = su.ctx, su.ctx.cfg.slice, su.out, _size(su.ctx)
     final = steps[-1]["top1_repaired"] if steps else start_top1
     metrics = {
         "top1": final,
@@ -297,16 +328,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "input_size": size,
     }
     save_checkpoint(out / "model.pt", student.cpu(), {"stage": "slice", "top1": final})
-    atomic_write_json(
-        out / "plan.json",
-        {
-            "policy": sc.name,
-            "selector": sc.selector,
-            "steps": plan_steps,
-            "widths": adapter.widths(student),
-            "feature_index": feat_index,
-        },
-    )
+    plan = {"policy": sc.name, "selector": sc.selector, "steps": plan_steps}
+    plan |= {"widths": get_adapter(student).widths(student), "feature_index": feat_index}
+    atomic_write_json(out / "plan.json", plan)
     atomic_write_json(out / "metrics.json", metrics)
     for f in out.glob("step-*.pt"):
         f.unlink()
