@@ -21,7 +21,7 @@ from m2mdc.hydra_args import conf_dir, split_overrides
 # command -> one-line description, in pipeline order; `report` is not a Hydra command. The
 # {fields} are filled from the default configuration (see _usage).
 COMMANDS: dict[str, str] = {
-    "run": "run every stage in order (teacher .. slice, profile) and write summary.json",
+    "run": "run every stage in order (teacher .. profile; quantize.enabled) and write summary.json",
     "finetune-teacher": "train the teacher ({teacher}), Adam, gradient clipping",
     "score": "rank blocks by label mutual information of pooled activations (probe set)",
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "compare": "fair baselines: compare=teacher_same_epochs and/or torch_pruning (peer)",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
     "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
+    "quantize": "INT8 (ONNX Runtime, static, QDQ) of every compressed model: top1, size, latency",
     "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
 }
 
@@ -187,8 +188,9 @@ def _parse_overrides(overrides: list[str]) -> list[Any]:
     return parsed
 
 
-def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
-    """Compose and validate every job a (possibly sweeping) override list describes."""
+def _compose_jobs(overrides: list[str], multirun: bool = False, command: str = "run") -> None:
+    """Compose and validate every job a (possibly sweeping) override list describes, as
+    ``command`` will run it."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -206,7 +208,7 @@ def _compose_jobs(overrides: list[str], multirun: bool = False) -> None:
         base = compose("config")
         for job in jobs:
             try:
-                cfg = compose("config", overrides=list(job))
+                cfg = compose("config", overrides=[*job, f"command={command}"])
                 validate_all(cfg)
             except Exception as exc:
                 raise M2MError(explain(exc, base)) from None
@@ -255,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "print one job's configuration; drop -m to print the first job's"
             )
         if not any(f in _INFO_FLAGS for f in flags):
-            _compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
+            multirun = any(f in ("-m", "--multirun") for f in flags)
+            _compose_jobs(overrides, multirun=multirun, command=command)
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         return exc.exit_code

@@ -190,6 +190,7 @@ PIPELINE = (
     "peer_torch_pruning",
     "peer_torch_pruning_latency",
     "profile",
+    "quantize",
 )
 
 
