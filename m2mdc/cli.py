@@ -18,7 +18,7 @@ from m2mdc.hydra_args import conf_dir, split_overrides  # noqa: F401  (conf_dir:
 # command -> one-line description, in pipeline order; `report` is not a Hydra command. The
 # {fields} are filled from the default configuration (see _usage).
 COMMANDS: dict[str, str] = {
-    "run": "run every stage in order (teacher .. slice, profile) and write summary.json",
+    "run": "run every stage in order (teacher .. profile; quantize.enabled) and write summary.json",
     "finetune-teacher": "train the teacher ({teacher}), {optim}, gradient clipping",
     "score": "rank blocks by label mutual information of pooled activations (probe set)",
     "prune": "remove the lowest-scoring free blocks, rebuild from the teacher, recalibrate BN",
@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "compare": "fair baselines: compare=teacher_same_epochs and/or torch_pruning (peer)",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
     "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
+    "quantize": "INT8 (ONNX Runtime, static, QDQ) of every compressed model: top1, size, latency",
     "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
 }
 
@@ -97,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "print one job's configuration; drop -m to print the first job's"
             )
         if not any(f in _INFO_FLAGS for f in flags):
-            compose_jobs(overrides, multirun=any(f in ("-m", "--multirun") for f in flags))
+            multirun = any(f in ("-m", "--multirun") for f in flags)
+            compose_jobs(overrides, multirun=multirun, command=command)
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         return exc.exit_code

@@ -190,9 +190,9 @@ def compose_job(job: Sequence[str], base: DictConfig) -> DictConfig:
     return cfg
 
 
-def compose_jobs(overrides: list[str], multirun: bool = False) -> None:
-    """Compose and validate every job a (possibly sweeping) command line describes, and check
-    that its run (or sweep) directory can be written."""
+def compose_jobs(overrides: list[str], multirun: bool = False, command: str = "run") -> None:
+    """Compose and validate every job a (possibly sweeping) command line describes, as
+    ``command`` will run it, and check that its run (or sweep) directory can be written."""
     from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -203,7 +203,7 @@ def compose_jobs(overrides: list[str], multirun: bool = False) -> None:
     with config_tree():
         base = compose("config")
         for job in jobs:
-            compose_job(job, base)
+            compose_job([*job, f"command={command}"], base)
         own = [o.input_line for o in parsed if o not in user and o.input_line]
         try:
             hcfg = compose("config", overrides=[*jobs[0], *own], return_hydra_config=True).hydra

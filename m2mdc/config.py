@@ -269,6 +269,18 @@ class ExportConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """Post-training static INT8 quantization in ONNX Runtime (m2mdc.stages.quantize):
+    ``m2mdc quantize``, and in ``m2mdc run`` when ``enabled``."""
+
+    enabled: bool = False  # also run by `m2mdc run` (control flow: in no fingerprint)
+    calibration_samples: int = _f(256, gt=0)  # training images (fixed, seeded) for the ranges
+    latency_warmup: int = _f(5, ge=0)
+    latency_repeats: int = _f(30, gt=0)
+    batch_sizes: list[int] = _f(factory=lambda: [1, 64], gt=0)  # noqa: RUF009
+
+
+@dataclass
 class UIConfig:
     """Console output; not part of any stage fingerprint."""
 
@@ -289,6 +301,7 @@ class Config:
     slice: SliceConfig = field(default_factory=SliceConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

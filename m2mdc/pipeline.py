@@ -191,6 +191,7 @@ PIPELINE = (
     "peer_torch_pruning",
     "peer_torch_pruning_latency",
     "profile",
+    "quantize",
 )
 
 

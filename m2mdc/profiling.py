@@ -11,11 +11,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import statistics
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -184,11 +186,10 @@ def interleaved_times(
     in_chans: int = 3,
 ) -> dict[str, list[float]]:
     """Wall-clock times (ms) of ``repeats`` forward passes of deep copies of ``models`` (eval,
-    ``torch.inference_mode``), interleaved, after ``warmup`` untimed passes of each.
+    ``torch.inference_mode``), interleaved by :func:`interleaved`, after ``warmup`` untimed
+    passes of each.
 
-    Every round times one forward pass of each model in turn (the order alternating between
-    rounds), so a change in machine load during the measurement hits all models alike. On
-    CUDA the timing uses CUDA events after a synchronise so asynchronous kernels are fully
+    On CUDA the timing uses CUDA events after a synchronise so asynchronous kernels are fully
     counted. The input is drawn from a private generator: timing leaves the global random
     state alone.
 
@@ -202,21 +203,48 @@ def interleaved_times(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, in_chans, input_size, input_size, generator=gen).to(dev)
     cuda = dev.type == "cuda"
-    times: dict[str, list[float]] = {name: [] for name in nets}
-    names = list(nets)
+    calls = {name: functools.partial(_time_forward, net, x, cuda) for name, net in nets.items()}
     with torch.inference_mode():
-        for name in names:
-            for _ in range(warmup):
-                nets[name](x)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        with progress() as bar:
-            task = bar.add_task(f"latency batch {batch_size}", total=repeats, unit="round")
-            for r in range(repeats):
-                for name in names if r % 2 == 0 else reversed(names):
-                    times[name].append(_time_forward(nets[name], x, cuda))
-                bar.update(task, completed=r + 1)
+        return interleaved(calls, warmup, repeats, f"latency batch {batch_size}")
+
+
+def interleaved(
+    calls: Mapping[str, Callable[[], float]], warmup: int, repeats: int, label: str
+) -> dict[str, list[float]]:
+    """Times (ms) of ``repeats`` rounds of ``calls``, each of which runs one pass of something
+    and returns the milliseconds it took, after ``warmup`` untimed calls of each.
+
+    Every round calls each of them once in turn (the order alternating between rounds), so a
+    change in machine load during the measurement hits all alike, and their per-round ratios
+    stay meaningful on a shared machine.
+
+    Returns:
+        name -> the time of each round, in order.
+    """
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with progress() as bar:
+        task = bar.add_task(label, total=repeats, unit="round")
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else reversed(names):
+                times[name].append(calls[name]())
+            bar.update(task, completed=r + 1)
     return times
+
+
+def batch_schedule(batch_size: int, repeats: int, warmup: int) -> tuple[int, int]:
+    """``(repeats, warmup)`` of a latency measurement at ``batch_size``, given those at batch 1.
+
+    A batch of ``bs`` images runs ``bs`` times longer and its timing is that much less noisy,
+    so batches beyond 1 use ``max(5, ceil(repeats / sqrt(bs)))`` repeats and at most 2
+    warm-up passes (batch 64: 5 and 2 instead of 30 and 5).
+    """
+    if batch_size <= 1:
+        return repeats, warmup
+    return max(5, math.ceil(repeats / math.sqrt(batch_size))), min(warmup, 2)
 
 
 def _time_forward(net: nn.Module, x: torch.Tensor, cuda: bool) -> float:

@@ -37,9 +37,10 @@ from m2mdc.rows import DISPLAY, ROWS, STUDENT_ROWS
 # settings, dataset download/decoding threads, the latency measurement settings (latency
 # is a property of the machine, not of the model's accuracy), and the execution-speed `perf`
 # switches (like `device`: how the same computation was run), and the console's `ui` settings.
+# `quantize`: like export, deployment measurements of the same models.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
-    "perf", "ui", "export", "dataset.download", "dataset.num_workers",
+    "perf", "ui", "export", "quantize", "dataset.download", "dataset.num_workers",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
 # Where a run's grouping configuration came from, and what the report says about it.
@@ -371,6 +372,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 ],
                 "rows": _aggregate_rows(members),
                 "margins": margins(members),
+                "int8": int8_rows(members),
                 "kd_curve": _kd_curve(members),
                 "config": cfg,
             }
@@ -659,6 +661,67 @@ def _margins_md(g: dict[str, Any]) -> list[str]:
     ]
 
 
+def int8_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per model some run quantized (summary.json's ``int8_*`` columns, from ``m2mdc
+    quantize``): the means over those runs of its INT8 and FP32 ONNX Runtime columns
+    (``<column>_mean``), its MACs, the INT8 top1's sample std and the run count ``n``."""
+    out = []
+    for name in dict.fromkeys(n for r in runs for n in r.rows):
+        present = [r.rows[name] for r in runs if r.rows.get(name, {}).get("int8_top1") is not None]
+        if not present:
+            continue
+        keys = dict.fromkeys(k for p in present for k in p if k.startswith(("int8_", "fp32_ort_")))
+        row: dict[str, Any] = {"model": name, "n": len(present)}
+        for k in [*keys, "macs"]:
+            row[f"{k}_mean"] = mean_std(p.get(k) for p in present)[0]
+        row["int8_top1_std"] = mean_std(p["int8_top1"] for p in present)[1]
+        out.append(row)
+    return out
+
+
+def _int8_md(g: dict[str, Any]) -> list[str]:
+    """The INT8 deployment table (:func:`int8_rows`), when the group has quantized models."""
+    if not g.get("int8"):
+        return []
+    suffixes = sorted({s for r in g["int8"] for s in _batch_suffixes(r)}, key=lambda s: int(s[2:]))
+    lat = [f"latency_ms{s}" for s in ("", *suffixes)]
+    head = ["Model", "Seeds", "FP32 acc", "INT8 acc", "Δ", "FP32 MB", "INT8 MB", "Size ratio"]
+    for k in lat:
+        b = k.rpartition("_b")[2] if "_b" in k else "1"
+        head += [f"FP32 ms (b{b})", f"INT8 ms (b{b})", f"Speedup (b{b})"]
+    body = []
+    for r in g["int8"]:
+        cells = [_name(r["model"]), str(r["n"]), _f(r.get("fp32_ort_top1_mean"))]
+        cells += [
+            _pm(r["int8_top1_mean"], r["int8_top1_std"]),
+            _f(r.get("int8_top1_delta_mean"), sign=True),
+        ]
+        cells += [_f(_scaled(r.get(f"{p}_bytes_mean"), 1e6)) for p in ("fp32_ort", "int8")]
+        cells += [_f(r.get("int8_size_ratio_mean"), 3)]
+        for k in lat:
+            speed = k.replace("latency_ms", "speedup")
+            cells += [_f(r.get(f"fp32_ort_{k}_mean")), _f(r.get(f"int8_{k}_mean"))]
+            cells += [_f(r.get(f"int8_{speed}_mean"), 3)]
+        body.append(cells)
+    return [
+        "### INT8 deployment (ONNX Runtime, static QDQ; means over seeds)",
+        "",
+        f"{g['split'].capitalize()} top-1 (%) of each FP32 model exported to ONNX and of its "
+        "INT8 model, both run by ONNX Runtime on the CPU; sizes are the model files; the "
+        "latencies (ms) were timed interleaved in one process (the compute table's latency is "
+        "PyTorch's). Speedup: FP32 over INT8.",
+        "",
+        *_md(head, body),
+    ]
+
+
+def _batch_suffixes(r: dict[str, Any]) -> list[str]:
+    """``_b64`` etc.: the batch sizes beyond 1 an INT8 aggregate has latencies for."""
+    return [
+        k[len("int8_latency_ms") : -len("_mean")] for k in r if k.startswith("int8_latency_ms_b")
+    ]
+
+
 def _paper_md(g: dict[str, Any]) -> list[str]:
     """The "Beside the paper" section, with what differs from the paper's run; or one line
     saying why the paper's values are not shown (another dataset)."""
@@ -713,6 +776,7 @@ def _group_md(g: dict[str, Any]) -> list[str]:
         "",
         *_md(*compute_table(g)),
         *_margins_md(g),
+        *_int8_md(g),
         *_paper_md(g),
         "<details><summary>runs</summary>",
         "",

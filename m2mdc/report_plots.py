@@ -92,6 +92,8 @@ def pareto_png(
         if front:
             # post-steps: the best accuracy reachable at a cost of at most x
             ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.3, alpha=0.7)
+    points = int8_points(groups, cost)
+    xs_all += _draw_int8(ax, points, dict(zip(series, _colours(len(series)), strict=True)))
     if not xs_all:
         return None
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # sweeps over input sizes
@@ -118,13 +120,59 @@ def pareto_png(
         handles=[
             Line2D([], [], color="0.4", marker=markers[k], ls="none", label=names.get(k, k))
             for k in kinds
-        ],
+        ]
+        + _int8_legend(points, cost),
         loc="lower left",
         bbox_to_anchor=(1.02, 0.0),
         fontsize=8,
         title="model (black edge: on the frontier)",
     )
     return _png(fig)
+
+
+# cost axis -> the group's INT8 aggregate (m2mdc.report) key an INT8 point is placed at: its
+# model's MACs (quantization leaves them), or its batch-1 latency in ONNX Runtime
+INT8_COSTS = {"macs": "macs_mean", "latency": "int8_latency_ms_mean"}
+INT8_MARKER = "x"
+
+
+def int8_points(groups: Sequence[Mapping[str, Any]], cost: str) -> list[dict[str, Any]]:
+    """The INT8 models of a plot (each group's ``int8`` aggregates): series, model, ``x`` (the
+    cost, in the axis unit), ``y`` (INT8 top-1 mean) and ``fp32``, the point of the FP32
+    model it was quantized from (None when that row has no such cost)."""
+    key, unit = COSTS[cost][:2]
+    out = []
+    for g in groups:
+        fp32 = {r["model"]: r for r in g["rows"]}
+        for q in g.get("int8") or []:
+            x, y = q.get(INT8_COSTS[cost]), q.get("int8_top1_mean")
+            if x is None or y is None:
+                continue
+            r = fp32.get(q["model"], {})
+            has = r.get(key) is not None and r.get("top1_mean") is not None
+            base = (r[key] / unit, r["top1_mean"]) if has else None
+            out.append({"series": g["series"], "model": q["model"], "x": x / unit, "y": y})
+            out[-1]["fp32"] = base
+    return out
+
+
+def _draw_int8(ax: Any, points: Sequence[Mapping[str, Any]], colours: Mapping[str, Any]) -> list:
+    """INT8 points as crosses in their series' colour, dotted to their FP32 model's point."""
+    for p in points:
+        colour = colours[p["series"]]
+        if p["fp32"] is not None:
+            bx, by = p["fp32"]
+            ax.plot([bx, p["x"]], [by, p["y"]], ls=":", lw=1, color=colour, alpha=0.7)
+        ax.plot([p["x"]], [p["y"]], marker=INT8_MARKER, ms=8, mew=2, color=colour, ls="none")
+    return [p["x"] for p in points]
+
+
+def _int8_legend(points: Sequence[Mapping[str, Any]], cost: str) -> list[Line2D]:
+    if not points:
+        return []
+    where = "its ONNX Runtime latency" if cost == "latency" else "its model's MACs"
+    label = f"INT8 in ONNX Runtime, at {where} (dotted: from the FP32 model)"
+    return [Line2D([], [], color="0.4", marker=INT8_MARKER, mew=2, ls="none", label=label)]
 
 
 def kd_curves_png(groups: Sequence[Mapping[str, Any]]) -> bytes | None:

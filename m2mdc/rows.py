@@ -1,7 +1,9 @@
 """The models of a run, one row each in ``summary.json``, the profile and every report.
 
 One table names them all: the row name, the stage directory holding its ``model.pt``, its
-display name and its kind (the teacher, a student of the method, or a comparison).
+display name, its kind (the teacher, a student of the method, or a comparison) and whether it
+is a compressed model (the students and the Torch-Pruning peers: what the quantize stage
+deploys).
 """
 
 from __future__ import annotations
@@ -16,29 +18,36 @@ class Row:
     stage: str  # the stage directory holding model.pt and metrics.json
     display: str  # the name in report tables and plots
     kind: str  # teacher | student | comparison
+    compressed: bool = False  # a compressed model: a student, or a Torch-Pruning peer
 
 
 ROWS: tuple[Row, ...] = (
     Row("teacher", "teacher", "Teacher", "teacher"),
-    Row("block_pruned", "prune", "Block-pruned", "student"),
-    Row("block_kd", "distill", "Block-KD", "student"),
-    Row("inner_slice", "slice", "Inner-slice", "student"),
+    Row("block_pruned", "prune", "Block-pruned", "student", compressed=True),
+    Row("block_kd", "distill", "Block-KD", "student", compressed=True),
+    Row("inner_slice", "slice", "Inner-slice", "student", compressed=True),
     Row("teacher_same_epochs", "teacher_same_epochs", "Teacher (same epochs)", "comparison"),
     # the Torch-Pruning peers (peer.match): at the inner_slice student's MACs, and at its latency
     Row(
-        "peer_torch_pruning", "peer_torch_pruning", "Torch-Pruning peer (equal MACs)", "comparison"
+        "peer_torch_pruning",
+        "peer_torch_pruning",
+        "Torch-Pruning peer (equal MACs)",
+        "comparison",
+        compressed=True,
     ),
     Row(
         "peer_torch_pruning_latency",
         "peer_torch_pruning_latency",
         "Torch-Pruning peer (equal latency)",
         "comparison",
+        compressed=True,
     ),
 )
 BY_NAME = {r.name: r for r in ROWS}
 # row name -> stage directory, in pipeline order
 MODEL_ROWS: tuple[tuple[str, str], ...] = tuple((r.name, r.stage) for r in ROWS)
 STUDENT_ROWS: tuple[str, ...] = tuple(r.name for r in ROWS if r.kind == "student")
+COMPRESSED_ROWS: tuple[str, ...] = tuple(r.name for r in ROWS if r.compressed)
 DISPLAY: dict[str, str] = {r.name: r.display for r in ROWS}
 
 

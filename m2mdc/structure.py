@@ -141,9 +141,22 @@ def _check_sliced_stage(
 
 def validate_all(cfg: Any) -> None:
     """Everything checked before a command runs: the schema's ranges and choices
-    (:func:`m2mdc.config.validate`), then the model and the settings that name its parts."""
+    (:func:`m2mdc.config.validate`), the model and the settings that name its parts, and
+    the optional packages the command needs."""
     from m2mdc.config import validate
 
     validate(cfg)
     check_model(cfg)
     check_model_parts(cfg)
+    check_extras(cfg)
+
+
+def check_extras(cfg: Any) -> None:
+    """The optional packages the command needs: ``m2mdc quantize`` (or ``m2mdc run`` with
+    ``quantize.enabled=true``) needs the ``deploy`` extra."""
+    from m2mdc.extras import require
+
+    if cfg.get("command") == "quantize":
+        require("m2mdc quantize", "deploy")
+    elif cfg.quantize.enabled and cfg.get("command") == "run":
+        require("quantize.enabled=true", "deploy")

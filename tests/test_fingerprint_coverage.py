@@ -170,8 +170,14 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, reads: Reads, monkeypatch) -> d
             "select=best_val",
             "profile.input_size=32",  # the size every stage counts MACs at
         ],
-        # the MAC-budget allocator, progressive slicing with the CMI selector, IG overlay
+        # the MAC-budget allocator, progressive slicing with the CMI selector, IG overlay,
+        # INT8 quantization of the students
         [
+            "quantize.enabled=true",
+            "quantize.calibration_samples=32",
+            "quantize.latency_repeats=2",
+            "quantize.latency_warmup=0",
+            "quantize.batch_sizes=[1]",
             "recipe=budget",
             "budget.ratios=[0.0,0.4]",
             "slice.schedule=progressive",
@@ -181,14 +187,16 @@ def _run_tracked(cfg: DictConfig, run_dir: Path, reads: Reads, monkeypatch) -> d
             "kd.ig.prob=0.2",
         ],
     ],
-    ids=["default+compare", "budget+cmi+ig"],
+    ids=["default+compare", "budget+cmi+ig+int8"],
 )
 def test_every_setting_a_stage_reads_is_in_its_fingerprint(
     overrides, compose_cfg, reads, monkeypatch, tmp_path
 ):
     cfg = compose_cfg("experiment=quickstart", *TINY, f"cache_dir={tmp_path / 'cache'}", *overrides)
     uncovered = _run_tracked(cfg, tmp_path / "run", reads, monkeypatch)
-    assert set(uncovered) >= {"teacher", "score", "prune", "distill", "slice", "profile"}
+    ran = {"teacher", "score", "prune", "distill", "slice", "profile"}
+    ran |= {"quantize"} if "quantize.enabled=true" in overrides else set()
+    assert set(uncovered) >= ran
     assert {k: sorted(v) for k, v in uncovered.items() if v} == {}
 
 

@@ -7,6 +7,7 @@ from m2mdc.stages import (  # noqa: F401
     finetune_teacher,
     profile,
     prune,
+    quantize,
     score,
     slice,
 )

@@ -11,7 +11,6 @@ Three modes, chosen by what exists:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from m2mdc.arch import get_adapter
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import atomic_write_json, load_checkpoint
-from m2mdc.profiling import count_macs, count_params, measure_latencies
+from m2mdc.profiling import batch_schedule, count_macs, count_params, measure_latencies
 from m2mdc.pruning import parse_keep_cfg
 from m2mdc.rows import finished_models
 from m2mdc.stage import Context, Stage, register_stage
@@ -48,18 +47,13 @@ def measure_all(
     """Latency of every model at every ``profile.batch_sizes``, into ``rows``.
 
     The models are timed interleaved (one forward of each per round), so their latency
-    ratios are robust to load changes on a shared machine. A batch of ``bs`` images runs
-    ``bs`` times longer and its timing is that much less noisy, so batches beyond 1 use
-    ``max(5, ceil(latency_repeats / sqrt(bs)))`` repeats and at most 2 warm-up passes (batch
-    64: 5 and 2 instead of 30 and 5, which keeps ResNet-34 at 224 on a CPU from taking
-    minutes per model).
+    ratios are robust to load changes on a shared machine. Batches beyond 1 use fewer
+    repeats and warm-up passes (:func:`~m2mdc.profiling.batch_schedule`), which keeps
+    ResNet-34 at 224 on a CPU from taking minutes per model.
     """
     cfg = ctx.cfg.profile
     for bs in (int(b) for b in cfg.batch_sizes):
-        repeats, warmup = int(cfg.latency_repeats), int(cfg.latency_warmup)
-        if bs > 1:
-            repeats = max(5, math.ceil(repeats / math.sqrt(bs)))
-            warmup = min(warmup, 2)
+        repeats, warmup = batch_schedule(bs, int(cfg.latency_repeats), int(cfg.latency_warmup))
         lats = measure_latencies(
             models,
             input_size(ctx),

@@ -4,7 +4,9 @@ It is rewritten after every successful command on a run directory that has a tea
 run made stage by stage (``m2mdc finetune-teacher``, ..., ``m2mdc compare``) keeps a complete
 record too. Compute columns come from the profile when it is current for every model of the
 run; otherwise parameters and MACs are counted here and latency is left empty (``profiled``
-is false) until ``m2mdc profile`` runs.
+is false) until ``m2mdc profile`` runs. The INT8 columns (``int8_top1``, ``int8_bytes``,
+``int8_latency_ms``, ... and their FP32 ONNX Runtime counterparts ``fp32_ort_*``) come from
+the quantize stage, in the rows of the models it quantized that are still the run's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from m2mdc.artifacts import atomic_write_json, load_checkpoint, read_json
 from m2mdc.profiling import count_macs, count_params
 from m2mdc.rows import finished_models
 from m2mdc.stage import STAGES, Context
+from m2mdc.stages.quantize import COLUMN_PREFIXES
+from m2mdc.stages.quantize import NAME as QUANTIZE
 from m2mdc.ui import console, log, table
 
 SUMMARY_COLUMNS = ("top1", "params", "macs", "conv_macs", "latency_ms")
@@ -35,6 +39,20 @@ def _compute_columns(ctx: Context, models: dict[str, str], size: int) -> dict[st
     return out
 
 
+def _int8_columns(ctx: Context) -> dict[str, dict[str, Any]]:
+    """Row -> the quantize stage's INT8 and FP32 ONNX Runtime columns, for the rows whose
+    quantized model is the one the run holds now (the model's fingerprint is unchanged)."""
+    done, path = ctx.run_dir / QUANTIZE / "done.json", ctx.run_dir / QUANTIZE / "metrics.json"
+    if not done.is_file() or not path.is_file():
+        return {}
+    current = ctx.model_fingerprints()
+    return {
+        row: {k: v for k, v in m.items() if k.startswith(COLUMN_PREFIXES)}
+        for row, m in read_json(path)["models"].items()
+        if m.get("model_fingerprint") is not None and m["model_fingerprint"] == current.get(row)
+    }
+
+
 def _num_classes(ctx: Context) -> int:
     """The class count the run's models were built for (the teacher's)."""
     teacher, _ = load_checkpoint(ctx.run_dir / "teacher" / "model.pt")
@@ -50,6 +68,7 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
     models = finished_models(ctx.run_dir)
     size = int(config["profile"].get("input_size") or config["dataset"]["image_size"])
     columns = _compute_columns(ctx, models, size)
+    int8_columns = _int8_columns(ctx)
     rows: list[dict[str, Any]] = []
     splits: set[str] = set()
     for name, stage in models.items():
@@ -58,6 +77,7 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
         p = columns[name]
         rows.append(
             {"model": name, "top1": m["top1"], **{k: p.get(k) for k in SUMMARY_COLUMNS[1:]}}
+            | int8_columns.get(name, {})
         )
     teacher = rows[0]
     for r in rows:
@@ -97,5 +117,6 @@ def write_summary(ctx: Context, config: dict[str, Any]) -> dict[str, Any]:
         "macs_reduction_pct",
         "latency_ms",
     ]
+    cols += ["int8_top1", "int8_latency_ms"] if int8_columns else []
     console.print(table(f"summary ({summary['top1_split']} top1): {ctx.run_dir}", cols, rows))
     return summary
