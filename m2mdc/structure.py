@@ -123,8 +123,12 @@ def _check_sliced_stage(
 
 def validate_all(cfg: Any) -> None:
     """Everything checked before a command runs: the schema's ranges and choices
-    (:func:`m2mdc.config.validate`), then the settings that name model parts."""
+    (:func:`m2mdc.config.validate`), the settings that name model parts, and that the chosen
+    tracking backends can be imported."""
+    from m2mdc import tracking
     from m2mdc.config import validate
 
     validate(cfg)
     check_model_parts(cfg)
+    if "logger" in cfg:
+        tracking.require(cfg.logger)
