@@ -77,6 +77,8 @@ def explain(exc: BaseException, base_cfg: object | None = None) -> str:
         group = first.split("'")[-2] if "'" in first else first
         if "/" in group:
             g, _, v = group.rpartition("/")
+            if not options:  # a list choice (logger=[csv,foo]): Hydra names no options
+                options = sorted(p.stem for p in (conf_dir() / g).glob("*.yaml"))
             return f"{g}={v} is not a valid choice; choose one of: {', '.join(options)}"
         return first
     cause: BaseException | None = exc

@@ -288,6 +288,37 @@ class UIConfig:
     progress_every_s: float = _f(30.0, gt=0)
 
 
+LOGGERS = ("csv", "tensorboard", "mlflow")  # the logger= group (besides none): m2mdc.tracking
+
+
+@dataclass
+class BackendConfig:
+    """One tracking backend of the ``logger`` section: on or off."""
+
+    enabled: bool = False
+
+
+@dataclass
+class MLflowConfig:
+    enabled: bool = False
+    # null: a local file store, <run dir>/tracking/mlruns (a sweep's: <sweep dir>/tracking/mlruns)
+    tracking_uri: str | None = None
+    # null: experiment_name for a run, the sweep directory for the jobs of a sweep
+    experiment: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (m2mdc.tracking), chosen with the ``logger=`` group: ``none``,
+    ``csv``, ``tensorboard``, ``mlflow`` or a list of them (``logger=[csv,tensorboard]``).
+    Not part of any stage fingerprint."""
+
+    every_n_steps: int = _f(20, gt=0)  # training steps between logged step metrics, at least
+    csv: BackendConfig = field(default_factory=BackendConfig)
+    tensorboard: BackendConfig = field(default_factory=BackendConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
 @dataclass
 class Config:
     command: str = "run"
@@ -306,6 +337,7 @@ class Config:
     peer: PeerConfig = field(default_factory=PeerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # fair baselines beside the students: one name or a list (see comparisons())
     compare: Any = _f(factory=list, choices=COMPARISONS)  # noqa: RUF009
     # which epoch a training stage keeps: the last, or the best by validation top1

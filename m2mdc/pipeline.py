@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from m2mdc import __version__, cache, rundir, ui
+from m2mdc import __version__, cache, rundir, tracking, ui
 from m2mdc.artifacts import atomic_write_json, read_json
 from m2mdc.config import to_plain
 from m2mdc.errors import M2MError, error_line
@@ -123,6 +123,7 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
     else:
         metrics = _run_stage(ctx, st)
     seconds = time.perf_counter() - t0
+    tracking.current().log_stage(name, seconds, "cached" if cached_from else "ran")
     atomic_write_json(
         done,
         {
@@ -217,6 +218,8 @@ def run_command(
     run_dir: Path,
     overrides: Sequence[str] = (),
     concurrent_jobs: int | None = None,
+    *,
+    sweep_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run a CLI command on a run directory, holding its lock; returns the last stage's
     metrics, or the summary for ``run``.
@@ -227,25 +230,32 @@ def run_command(
 
     Nothing is written before every stage of the command has been checked (prerequisites,
     outputs of another configuration). On success the summary (when the run has a teacher)
-    and ``.hydra/`` are brought up to date.
+    and ``.hydra/`` are brought up to date. The command is one tracked run of the ``logger``
+    backends (:mod:`m2mdc.tracking`); a job of a sweep is grouped by its ``sweep_dir``.
     """
     from m2mdc.stages.summary import write_summary
 
     names = plan(command, cfg)
     ui.configure(progress_every_s=float(cfg.ui.progress_every_s))
+    tracking.require(cfg.logger)
     if concurrent_jobs is not None or cfg.perf.threads is not None:
         apply_threads(cfg, concurrent_jobs or 1)
     with rundir.locked(run_dir):
         ctx = Context(cfg, run_dir)
         preflight(ctx, names)
-        metrics: dict[str, Any] = {}
-        for name in names:
-            metrics = execute(ctx, name)
-        if (run_dir / "teacher" / "done.json").is_file():
-            summary = write_summary(ctx, recorded_config(ctx))
-            record_stage(run_dir, "summary", cfg)
-            if command == "run":
-                metrics = summary
+        with tracking.session(
+            cfg, run_dir, command=command, sweep_dir=sweep_dir, overrides=overrides
+        ) as tracker:
+            metrics: dict[str, Any] = {}
+            for name in names:
+                metrics = execute(ctx, name)
+            if (run_dir / "teacher" / "done.json").is_file():
+                record = recorded_config(ctx)
+                summary = write_summary(ctx, record)
+                record_stage(run_dir, "summary", cfg)
+                tracker.log_summary(summary["rows"], tracking.flatten(record))
+                if command == "run":
+                    metrics = summary
         rundir.write_record(run_dir, recorded_config(ctx), overrides)
     return metrics
 
@@ -265,13 +275,16 @@ def objective(result: dict[str, Any], sweeper: Any) -> Any:
 # -- Hydra entry --------------------------------------------------------------------------
 def _task(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         validate_all(cfg)
         overrides = list(hydra_cfg.overrides.task)
-        result = run_command(cfg.command, cfg, run_dir, overrides, _concurrent_jobs(hydra_cfg))
+        jobs = _concurrent_jobs(hydra_cfg)
+        result = run_command(cfg.command, cfg, run_dir, overrides, jobs, sweep_dir=sweep_dir)
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

@@ -40,7 +40,7 @@ from m2mdc.rows import DISPLAY, ROWS, STUDENT_ROWS
 # `quantize`: like export, deployment measurements of the same models.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
-    "perf", "ui", "export", "quantize", "dataset.download", "dataset.num_workers",
+    "perf", "ui", "logger", "export", "quantize", "dataset.download", "dataset.num_workers",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
 # Where a run's grouping configuration came from, and what the report says about it.

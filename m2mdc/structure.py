@@ -142,13 +142,16 @@ def _check_sliced_stage(
 def validate_all(cfg: Any) -> None:
     """Everything checked before a command runs: the schema's ranges and choices
     (:func:`m2mdc.config.validate`), the model and the settings that name its parts, and
-    the optional packages the command needs."""
+    the optional packages the command needs (the deploy extra, the tracking backends)."""
+    from m2mdc import tracking
     from m2mdc.config import validate
 
     validate(cfg)
     check_model(cfg)
     check_model_parts(cfg)
     check_extras(cfg)
+    if "logger" in cfg:
+        tracking.require(cfg.logger)
 
 
 def check_extras(cfg: Any) -> None:

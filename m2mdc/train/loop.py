@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from m2mdc import tracking
 from m2mdc.artifacts import safe_torch_load, torch_save_atomic
 from m2mdc.config import LR_SCHEDULES
 from m2mdc.data.loader import Batches
@@ -40,7 +41,7 @@ LossFn = Callable[
 ]
 """(model, x, y, epoch) -> (loss, logits, named loss terms to log); epochs count from 1."""
 
-LOG_EVERY = 20  # steps between host synchronisations for the progress display
+LOG_EVERY = 20  # steps between host synchronisations (progress display, tracker step metrics)
 
 DIVERGE_FACTOR = 1e3
 """A batch loss over this multiple of the reference (:class:`DivergenceGuard`) is divergence."""
@@ -497,6 +498,39 @@ class _Sums:
         return row
 
 
+class _StepLog:
+    """A training's step metrics for the tracker (:mod:`m2mdc.tracking`), within one epoch: at
+    a synchronisation point ``every_n_steps`` or more steps after the last logged one (or the
+    epoch's first), the mean loss and loss terms over those steps (read from the epoch's
+    running sums: no synchronisation of its own), the learning rate of the last of them and
+    the images per second. The rest of an epoch is in its history row."""
+
+    def __init__(self, run: _Run, epoch: int, first: int, sums: _Sums) -> None:
+        self.run, self.epoch = run, epoch
+        self.every = run.tracker.every_n_steps
+        self._mark(first, sums)
+
+    def _mark(self, step: int, sums: _Sums) -> None:
+        # _Sums replaces its tensors on every add: keeping them is a snapshot
+        self.step, self.t0 = step, time.perf_counter()
+        self.loss_sum, self.totals, self.seen = sums.loss_sum, dict(sums.totals), sums.seen
+
+    def at_sync(self, step: int, sums: _Sums) -> None:
+        """Called at a synchronisation point after ``step`` steps of the epoch."""
+        if step - self.step < self.every:
+            return
+        run, n = self.run, sums.seen - self.seen
+        diffs = [sums.loss_sum - self.loss_sum]
+        diffs += [v - self.totals.get(k, sums.zero) for k, v in sums.totals.items()]
+        means = [d / n for d in torch.stack(diffs).tolist()]  # one device-to-host copy
+        values = dict(zip(["loss", *sums.totals], means, strict=True))
+        global_step = (self.epoch - 1) * len(run.train) + step
+        values["lr"] = run.spec.lr * run.factor(global_step - 1)
+        values["images_per_s"] = n / max(time.perf_counter() - self.t0, 1e-9)
+        run.tracker.log_step(run.spec.desc, global_step, values)
+        self._mark(step, sums)
+
+
 class _Run:
     """One :func:`fit`: the optimizer, the lr schedule, the divergence guard, the history and
     the best epoch so far, resumed from the state file if it holds this training; its methods
@@ -514,6 +548,7 @@ class _Run:
     ) -> None:
         self.model, self.train, self.spec, self.extra = model, train, spec, extra
         self.loss_fn, self.epoch_info = loss_fn, epoch_info
+        self.tracker = tracking.current()
         self.params = [p for p in params if p.requires_grad]
         self.result = FitResult()
         # best_val: the best epoch so far and a CPU copy of its weights (saved with the state)
@@ -639,6 +674,7 @@ class _Run:
             per_step=self.train.batch_size,
         )
         sums = _Sums(self.device, self.partial if epoch == self.start else None)
+        steps = _StepLog(self, epoch, first, sums) if self.tracker.active else None
         batches = self.train.epoch(epoch + spec.epoch_offset, start_batch=first)
         for step, (x, y) in enumerate(batches, start=first):
             with perf_mod.autocast(self.pf, self.device):
@@ -652,6 +688,8 @@ class _Run:
             if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
                 self.guard.check(spec.desc, epoch, self.kept, self.advice)
                 bar.update(task, completed=step + 1, info=sums.progress())
+                if steps is not None:
+                    steps.at_sync(step + 1, sums)
             if stop.signum is not None and not last:
                 self.save(epoch, step + 1, sums.state())
                 raise Interrupted(
@@ -698,6 +736,7 @@ class _Run:
             ev = evaluate(self.model, test, self.pf)
             row[f"{test.split}_top1"], row[f"{test.split}_loss"] = ev["top1"], ev["loss"]
         self.result.history.append(row)
+        self.tracker.log_epoch(self.spec.desc, row)
         if self.spec.select == "best_val" and (
             self.best is None or row["val_top1"] > self.best["val_top1"]
         ):
