@@ -9,6 +9,7 @@ different configuration are never overwritten silently (``force=true`` replaces 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -238,11 +239,12 @@ def run_command(
     names = plan(command, cfg)
     ui.configure(progress_every_s=float(cfg.ui.progress_every_s))
     tracking.require(cfg.logger)
-    if concurrent_jobs is not None or cfg.perf.threads is not None:
-        apply_threads(cfg, concurrent_jobs or 1)
     with rundir.locked(run_dir):
         ctx = Context(cfg, run_dir)
         preflight(ctx, names)
+        # after the checks: a refused command writes nothing, not even this log line
+        if concurrent_jobs is not None or cfg.perf.threads is not None:
+            apply_threads(cfg, concurrent_jobs or 1)
         with tracking.session(
             cfg, run_dir, command=command, sweep_dir=sweep_dir, overrides=overrides
         ) as tracker:
@@ -303,10 +305,16 @@ def _concurrent_jobs(hydra_cfg: Any) -> int:
 
 def apply_threads(cfg: DictConfig, jobs: int = 1) -> None:
     """``perf.threads`` for this job: set explicitly, or the cores divided among the ``jobs``
-    that run at once on this machine."""
-    threads = intra_op_threads(cfg.perf.threads, jobs)
+    that run at once on this machine; with ``perf.threads`` unset, an ``OMP_NUM_THREADS``
+    the user exported is left in force (torch read it at start-up)."""
+    if cfg.perf.threads is not None:
+        threads, how = int(cfg.perf.threads), "perf.threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        threads, how = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        threads = intra_op_threads(None, jobs)
+        how = f"{available_cores()} cores / {jobs}"
     torch.set_num_threads(threads)
-    how = "perf.threads" if cfg.perf.threads is not None else f"{available_cores()} cores / {jobs}"
     log.info(f"torch threads: {threads} ({how})")
 
 

@@ -71,8 +71,10 @@ def _files(run_dir: Path) -> set[str]:
 
 
 def _log_lines(path: Path) -> list[str]:
-    """The log's messages without their timestamps and durations."""
+    """The log's messages without their timestamps and durations, nor the CLI's note of the
+    thread count it runs with (the API leaves the caller's alone)."""
     lines = [ln.split("]", 1)[1] for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if "torch threads: " not in ln]
     return [re.sub(r"done in [\d.]+s", "done in Ns", ln) for ln in lines]
 
 

@@ -70,6 +70,7 @@ def test_schema_defaults_match_the_plain_path(compose_cfg) -> None:
         "amp": "none",
         "compile": False,
         "fused_adam": True,
+        "threads": None,  # the CLI divides the cores among concurrent jobs (tests/test_threads.py)
     }
     assert perf.resolve(cfg.perf, "cpu").is_default
     assert list(cfg.profile.batch_sizes) == [1, 64]
