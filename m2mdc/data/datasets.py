@@ -545,7 +545,8 @@ def _tree_split(ds: Any, split: str) -> FolderSplit:
     tree = check_tree(ds)
     if split not in tree:
         raise M2MError(
-            f"dataset.root: {ds.root} has no {split} folder, so there is no {split} split; "
+            f"dataset.root: {ds.root} has no {FOLDERS[ds.name][split]} folder, so there is no "
+            f"{split} split; "
             "evaluate on the validation split (dataset.val_fraction) instead"
         )
     return tree[split]
