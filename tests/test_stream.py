@@ -205,6 +205,7 @@ def test_imagenet_layout_errors_name_the_root_and_the_layout(tmp_path):
     _imagenet_refused(root, "train does not exist")
 
 
+@pytest.mark.slow
 def test_imagenet_run_with_a_missing_root_exits_2_writing_nothing(tmp_path):
     proc = run_cli(
         "run",
