@@ -185,11 +185,26 @@ def compose_job(job: Sequence[str], base: DictConfig) -> DictConfig:
     except Exception as exc:
         raise M2MError(explain(exc, base)) from None
     check_writable("cache_dir", str(cfg.cache_dir))
-    if cfg.dataset.name == "imagefolder":  # classes and splits, before anything runs
+    check_data(cfg)
+    return cfg
+
+
+def check_data(cfg: DictConfig) -> None:
+    """An image tree's classes and splits (:func:`m2mdc.data.datasets.check_tree`), and the
+    settings that need the training images in memory, before anything runs."""
+    from m2mdc.config import IMAGE_TREES
+
+    ds = cfg.dataset
+    streamed = str(ds.in_memory).lower() == "false"
+    if ds.name in IMAGE_TREES or streamed:
         from m2mdc.data.datasets import check_tree
 
-        check_tree(cfg.dataset)
-    return cfg
+        check_tree(ds)
+    if streamed and float(cfg.kd.ig.prob) > 0:
+        raise M2MError(
+            f"kd.ig.prob={cfg.kd.ig.prob}: the IG overlay needs the training images in memory; "
+            "set dataset.in_memory=auto or true, or kd.ig.prob=0"
+        )
 
 
 def compose_jobs(overrides: list[str], multirun: bool = False, command: str = "run") -> None:

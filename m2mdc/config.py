@@ -19,17 +19,20 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from m2mdc.errors import M2MError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet", "fake")
+IMAGE_TREES = ("imagefolder", "imagenet")  # m2mdc.data.datasets: read from dataset.root
 DEVICES = ("auto", "cpu", "cuda")
 COMPARISONS = ("teacher_same_epochs", "torch_pruning")
 PEER_MATCHES = ("macs", "latency")  # peer.match: what the Torch-Pruning peer is matched to
 SELECT = ("last", "best_val")
 BAD_FILES = ("error", "skip")  # m2mdc.data.datasets: what undecodable image files get
 AUGMENTS = ("flip", "cifar", "imagenet")  # m2mdc.data.augment: the training batches' presets
+IN_MEMORY = ("auto", "true", "false")  # m2mdc.data.datasets: hold a split in RAM or stream it
 
 
 def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
-    """A dataclass field with validation rules (ge, gt, le, lt, choices, optional)."""
+    """A dataclass field with validation rules (ge, gt, le, lt, choices, optional; fold: a
+    string compared with the choices in lower case)."""
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -64,6 +67,12 @@ class DatasetConfig:
     # training batches: flip (horizontal flips), cifar (zero-pad 4 and random crop, plus flip),
     # imagenet (random resized crop plus flip; evaluation: resize and center crop)
     augment: str = _f("flip", choices=AUGMENTS)
+    # image trees: hold each split in RAM as decoded uint8 (true), stream it from disk with
+    # dataset.num_workers decoding processes (false), or hold it in RAM when its decoded size
+    # fits dataset.memory_budget_gb (auto). The batches are the same either way.
+    in_memory: str = _f("auto", choices=IN_MEMORY, fold=True)
+    # the largest decoded split in_memory=auto holds in RAM; null: a quarter of the RAM
+    memory_budget_gb: float | None = _f(None, gt=0)
     # fake dataset only: examples per split
     fake_train_size: int = _f(512, gt=0)
     fake_test_size: int = _f(128, gt=0)
@@ -359,6 +368,8 @@ def _check_value(key: str, value: Any, rules: dict[str, Any]) -> None:
     if value is None:
         return
     choices = rules.get("choices")
+    if rules.get("fold") and isinstance(value, str):  # true/false: Hydra reads them as bools
+        value = value.lower()
     if choices is not None and value not in choices:
         raise M2MError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
     if isinstance(value, bool) or not isinstance(value, int | float):

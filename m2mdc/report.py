@@ -34,13 +34,15 @@ from m2mdc.rows import DISPLAY, ROWS, STUDENT_ROWS
 # Besides the seed (which is what a group averages over): how the run was started (command,
 # force, checkpoint: the `profile checkpoint=...` input), where it ran or cached data (device,
 # cache_dir, use_cache: the cache is content-addressed), Hydra's own node, the export command's
-# settings, dataset download/decoding threads, the latency measurement settings (latency
-# is a property of the machine, not of the model's accuracy), and the execution-speed `perf`
+# settings, dataset download, decoding threads and streaming (the same batches either way),
+# the latency measurement settings (latency is a property of the machine, not of the model's
+# accuracy), and the execution-speed `perf`
 # switches (like `device`: how the same computation was run), and the console's `ui` settings.
 # `quantize`: like export, deployment measurements of the same models.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed", "command", "force", "device", "cache_dir", "use_cache", "checkpoint", "hydra",
     "perf", "ui", "logger", "export", "quantize", "dataset.download", "dataset.num_workers",
+    "dataset.in_memory", "dataset.memory_budget_gb",
     "profile.latency", "profile.latency_warmup", "profile.latency_repeats", "profile.batch_sizes",
 )  # fmt: skip
 # Where a run's grouping configuration came from, and what the report says about it.

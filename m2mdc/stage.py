@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from m2mdc.artifacts import load_checkpoint, read_json
-from m2mdc.config import to_plain
+from m2mdc.config import IMAGE_TREES, to_plain
 from m2mdc.data.datasets import (
-    ImageData,
+    Split,
     has_test_split,
     load_split,
     load_train_val,
@@ -107,6 +107,11 @@ NEUTRAL: dict[str, Any] = {
 }
 
 
+# Settings that change how the images are read, never which images a batch holds (the
+# streamed batches equal the in-memory ones): left out of every stage's fingerprint.
+HOW_DATA_IS_READ = ("dataset.in_memory", "dataset.memory_budget_gb")
+
+
 def register_stage(stage: Stage) -> None:
     if stage.name in STAGES:
         raise ValueError(f"stage '{stage.name}' is already registered")
@@ -120,7 +125,7 @@ class Context:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
-        self._data: dict[str, ImageData] = {}
+        self._data: dict[str, Split] = {}
 
     # -- paths and fingerprints -------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -131,7 +136,7 @@ class Context:
     def stage_config(self, name: str) -> dict[str, Any]:
         st = STAGES[name]
         config = {k: to_plain(OmegaConf.select(self.cfg, k)) for k in st.keys}
-        for path in st.ignore:
+        for path in (*st.ignore, *HOW_DATA_IS_READ):
             section, _, leaf = path.rpartition(".")
             if isinstance(config.get(section), dict):
                 config[section] = {k: v for k, v in config[section].items() if k != leaf}
@@ -153,7 +158,7 @@ class Context:
         return done.is_file() and read_json(done).get("fingerprint") == self.fingerprint(name)
 
     # -- data --------------------------------------------------------------------------------
-    def data(self, split: str) -> ImageData:
+    def data(self, split: str) -> Split:
         if split not in self._data:
             if split == "test":
                 self._data[split] = load_split(self.cfg.dataset, split, self.cache_dir)
@@ -173,7 +178,7 @@ class Context:
     @cached_property
     def num_classes(self) -> int:
         ds = self.cfg.dataset
-        if ds.name == "fake" or (ds.num_classes is not None and ds.name != "imagefolder"):
+        if ds.name == "fake" or (ds.num_classes is not None and ds.name not in IMAGE_TREES):
             return int(ds.num_classes or 10)
         return self.data("train").num_classes
 

@@ -69,7 +69,7 @@ def test_out_of_range_values_name_key_and_allowed_range(compose_cfg, override, e
         (
             ["dataset=mnist"],
             "dataset=mnist is not a valid choice; "
-            "choose one of: cifar10, cifar100, digits, fake, imagefolder",
+            "choose one of: cifar10, cifar100, digits, fake, imagefolder, imagenet",
         ),
         (["teacher.epochs=-1"], "teacher.epochs=-1 is out of range; allowed: >= 0"),
         (["dataset.image_size=0"], "dataset.image_size=0 is out of range; allowed: > 0"),

@@ -1,13 +1,17 @@
-"""Datasets as in-memory uint8 tensors: digits, CIFAR-10/100, image folders, fake.
+"""Datasets as in-memory uint8 tensors: digits, CIFAR-10/100, image trees, fake.
 
 Every split becomes an :class:`ImageData` (``images`` uint8 ``[N, 3, H, W]``, ``labels`` int64),
 so the batch pipeline (:mod:`m2mdc.data.loader`) resizes, flips and normalises whole batches
-on the device instead of decoding and resizing image by image.
+on the device instead of decoding and resizing image by image. A split of an image tree
+(``dataset=imagefolder``, ``imagenet``) whose decoded size exceeds the memory budget
+(``dataset.in_memory``, ``dataset.memory_budget_gb``) is a :class:`FileData` instead: its
+files, decoded batch by batch in the loader's worker processes into the same uint8 images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from m2mdc.config import DATASETS, IMAGE_TREES
 from m2mdc.errors import M2MError
 from m2mdc.ui import log
 
@@ -41,6 +46,50 @@ class ImageData:
 
     def subset(self, index: torch.Tensor) -> ImageData:
         return ImageData(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass
+class FileData:
+    """One split of an image tree left on disk (streamed): what :func:`_decode` makes of
+    ``files[i]`` at ``size`` is the uint8 ``[3, *shape]`` image an :class:`ImageData` of the
+    split would hold at ``i``."""
+
+    files: list[Path]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+    size: int | None  # the decode size (None: every image has its stored size, ``shape``)
+    shape: tuple[int, int]  # (H, W) of every decoded image
+    workers: int = 0  # the loader's decoding processes (dataset.num_workers; 0: in-process)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: torch.Tensor) -> FileData:
+        files = [self.files[i] for i in index.tolist()]
+        return FileData(
+            files, self.labels[index], self.classes, self.size, self.shape, self.workers
+        )
+
+    def decode(self, i: int) -> torch.Tensor | str:
+        """Image ``i`` as uint8 ``[3, H, W]``, or why it cannot be decoded (see
+        :func:`undecodable`)."""
+        return _decode(self.files[i], self.size)
+
+
+def undecodable(path: Path, why: str) -> M2MError:
+    """The error of a streamed file that cannot be decoded: its header was read when the
+    split was listed, its data only when a batch needs it."""
+    return M2MError(
+        f"dataset.root: {path} cannot be decoded ({why}); fix or remove it (a streamed split "
+        "is only checked file by file as its batches are read)"
+    )
+
+
+Split = ImageData | FileData
 
 
 def class_interleaved_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -68,7 +117,7 @@ def class_interleaved_order(labels: torch.Tensor, seed: int = 0) -> torch.Tensor
     return torch.argsort(key)
 
 
-def limit(data: ImageData, n: int | None) -> ImageData:
+def limit(data: Split, n: int | None) -> Split:
     """A fixed class-stratified subset of ``n`` examples (independent of the run's seed)."""
     if n is None or n >= len(data):
         return data
@@ -122,12 +171,27 @@ class FolderSplit:
     files: list[tuple[Path, int]]
 
 
+# each image tree's folder per split (m2mdc's split -> folder under dataset.root) and its
+# layout in words: ImageNet's validation images are its reporting ("test") split
+FOLDERS = {
+    "imagefolder": {"train": "train", "test": "test"},
+    "imagenet": {"train": "train", "test": "val"},
+}
+LAYOUTS = {
+    "imagefolder": "dataset.root/train/<class>/<image> (and test/<class>/<image>)",
+    "imagenet": "dataset.root/train/<wnid>/*.JPEG and dataset.root/val/<wnid>/*.JPEG",
+}
+
+
 def _folder_root(ds: Any) -> Path:
     if not ds.root:
-        raise M2MError("dataset.root is required for dataset=imagefolder")
+        raise M2MError(f"dataset.root is required for dataset={ds.name} ({LAYOUTS[ds.name]})")
     root = Path(ds.root).expanduser()
     if not root.is_dir():
-        raise M2MError(f"dataset.root: {ds.root} does not exist or is not a folder")
+        raise M2MError(
+            f"dataset.root: {ds.root} does not exist or is not a folder "
+            f"(dataset={ds.name} expects {LAYOUTS[ds.name]})"
+        )
     return root
 
 
@@ -137,19 +201,19 @@ def _names(items: list[str], first: int = 5) -> str:
     return ", ".join(items[:first]) + more
 
 
-def _list_split(root: Path, split: str) -> FolderSplit:
-    split_dir = root / split
+def _list_split(root: Path, folder: str, layout: str) -> FolderSplit:
+    split_dir = root / folder
     if not split_dir.is_dir():
-        raise M2MError(
-            f"dataset.root: {split_dir} does not exist (imagefolder needs root/train/<class>/*)"
-        )
+        raise M2MError(f"dataset.root: {split_dir} does not exist (expected {layout})")
     classes = sorted(
         p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
     if not classes:
-        raise M2MError(
-            f"dataset.root: {split_dir} has no class folders (expected {split_dir}/<class>/<image>)"
+        loose = any(f.suffix.lower() in IMG_EXTENSIONS for f in split_dir.iterdir())
+        held = (
+            "holds its images directly, not in class folders" if loose else "has no class folders"
         )
+        raise M2MError(f"dataset.root: {split_dir} {held} (expected {layout})")
     if len(classes) < 2:
         raise M2MError(
             f"dataset.root: {split_dir} has one class folder ({classes[0]}); "
@@ -173,37 +237,50 @@ def _list_split(root: Path, split: str) -> FolderSplit:
     return FolderSplit(split_dir, classes, files)
 
 
-def check_tree(ds: Any) -> dict[str, FolderSplit]:
-    """Check an image tree (``dataset=imagefolder``) without decoding anything, and return its
-    listing per split ("train", and "test" when there is a test folder); ``{}`` for datasets
-    that are not image trees.
+def in_memory_mode(ds: Any) -> str:
+    """``dataset.in_memory`` as ``auto``, ``true`` or ``false`` (Hydra reads true as a bool)."""
+    return str(getattr(ds, "in_memory", "auto")).lower()
 
-    Refused with a one-line :class:`M2MError` naming ``dataset.root``: a missing root or
-    ``train`` folder, fewer than 2 class folders, a class folder without image files, train and
-    test folders with different classes, and a tree without ``test`` when
-    ``dataset.val_fraction`` is 0 (nothing to evaluate on).
+
+def check_tree(ds: Any) -> dict[str, FolderSplit]:
+    """Check an image tree (``dataset=imagefolder``, ``imagenet``) without decoding anything,
+    and return its listing per split ("train", and "test" when there is a test folder: ``val``
+    for ImageNet); ``{}`` for datasets that are not image trees.
+
+    Refused with a one-line :class:`M2MError` naming ``dataset.root`` and the expected layout:
+    a missing root or ``train`` folder, images outside class folders, fewer than 2 class
+    folders, a class folder without image files, train and test folders with different classes,
+    and a tree without a test folder when ``dataset.val_fraction`` is 0 (nothing to evaluate
+    on). ``dataset.in_memory=false`` is refused for the datasets that are not image trees.
     """
-    if ds.name != "imagefolder":
+    if ds.name not in IMAGE_TREES:
+        if in_memory_mode(ds) == "false":
+            raise M2MError(
+                f"dataset.in_memory=false: dataset={ds.name} is read whole by its loader; "
+                f"streaming from disk is for the image trees (dataset={', '.join(IMAGE_TREES)})"
+            )
         return {}
-    root = _folder_root(ds)
-    tree = {"train": _list_split(root, "train")}
-    if not (root / "test").exists():
+    root, folders, layout = _folder_root(ds), FOLDERS[ds.name], LAYOUTS[ds.name]
+    tree = {"train": _list_split(root, folders["train"], layout)}
+    test_dir = root / folders["test"]
+    if not test_dir.exists():
         if not val_fraction(ds):
             raise M2MError(
-                f"dataset.root: {root} has no test folder; set dataset.val_fraction "
-                "(e.g. dataset.val_fraction=0.1) to evaluate on images held out of its train folder"
+                f"dataset.root: {root} has no {folders['test']} folder (expected {layout}); set "
+                "dataset.val_fraction (e.g. dataset.val_fraction=0.1) to evaluate on images held "
+                "out of its train folder"
             )
         return tree
-    tree["test"] = _list_split(root, "test")
+    tree["test"] = _list_split(root, folders["test"], layout)
     train, test = set(tree["train"].classes), set(tree["test"].classes)
     if train != test:
         only = [
             f"only in {name}: {_names(sorted(a - b))}"
-            for name, a, b in (("train", train, test), ("test", test, train))
+            for name, a, b in (("train", train, test), (folders["test"], test, train))
             if a - b
         ]
         raise M2MError(
-            f"dataset.root: {root / 'train'} and {root / 'test'} have different class folders "
+            f"dataset.root: {root / 'train'} and {test_dir} have different class folders "
             f"({'; '.join(only)}); give both splits the same classes"
         )
     return tree
@@ -211,8 +288,9 @@ def check_tree(ds: Any) -> dict[str, FolderSplit]:
 
 def has_test_split(ds: Any) -> bool:
     """Whether the dataset has a test split: every built-in dataset does; an image tree only
-    when it has a ``test`` folder (otherwise the validation split stands in for it)."""
-    return ds.name != "imagefolder" or (_folder_root(ds) / "test").exists()
+    when it has a test folder (``val`` for ImageNet; otherwise the validation split stands in
+    for it)."""
+    return ds.name not in IMAGE_TREES or (_folder_root(ds) / FOLDERS[ds.name]["test"]).exists()
 
 
 # what PIL raises for a file it cannot decode: OSError (UnidentifiedImageError, truncated
@@ -302,15 +380,41 @@ def _cache_file(split: FolderSplit, size: int | None, cache_dir: str | None) -> 
     return Path(cache_dir) / "decoded" / f"imagefolder-{key}.pt"
 
 
-def _image_folder(
-    split: FolderSplit, image_size: int, workers: int, cache_dir: str | None, policy: str
-) -> ImageData:
-    files = split.files
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+def physical_memory() -> int | None:
+    """The machine's RAM in bytes (None where the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_budget(ds: Any) -> float:
+    """Bytes of decoded images ``dataset.in_memory=auto`` holds in RAM per split:
+    ``dataset.memory_budget_gb``, else a quarter of the RAM (unlimited where it is unknown)."""
+    gb = getattr(ds, "memory_budget_gb", None)
+    if gb is not None:
+        return float(gb) * 1e9
+    ram = physical_memory()
+    return ram / 4 if ram else float("inf")
+
+
+def keeps_in_memory(ds: Any, num_bytes: int) -> bool:
+    """Whether a split of ``num_bytes`` decoded bytes is held in RAM (``dataset.in_memory``)."""
+    mode = in_memory_mode(ds)
+    return mode == "true" if mode != "auto" else num_bytes <= memory_budget(ds)
+
+
+def _image_folder(split: FolderSplit, ds: Any, cache_dir: str | None) -> Split:
+    files, policy = split.files, getattr(ds, "bad_files", "error")
+    with ThreadPoolExecutor(max_workers=max(1, ds.num_workers)) as pool:
         sizes = list(pool.map(lambda f: _probe(f[0]), files))
         # Images of one size are kept as they are (resized later on the batch); mixed sizes are
         # brought to image_size once at decode time so they can be stacked.
-        size = None if len({s for s in sizes if not isinstance(s, str)}) <= 1 else image_size
+        known = {s for s in sizes if not isinstance(s, str)}
+        size = None if len(known) <= 1 else ds.image_size
+        w, h = next(iter(known)) if size is None and known else (ds.image_size, ds.image_size)
+        if not keeps_in_memory(ds, len(files) * 3 * h * w):
+            return _streamed(split, sizes, size, (h, w), policy, ds.num_workers)
         cache = _cache_file(split, size, cache_dir)
         if cache is not None and cache.is_file():
             obj = torch.load(cache, weights_only=True)
@@ -319,19 +423,10 @@ def _image_folder(
         decoded = list(
             pool.map(lambda f, s: s if isinstance(s, str) else _decode(f[0], size), files, sizes)
         )
-    bad = [
-        (str(f.relative_to(split.dir)), d)
-        for (f, _), d in zip(files, decoded, strict=True)
-        if isinstance(d, str)
-    ]
+    bad = _undecoded(split, decoded)
     _bad_files(split, bad, policy)
     good = [(d, c) for (_, c), d in zip(files, decoded, strict=True) if not isinstance(d, str)]
-    lost = sorted(set(range(len(split.classes))) - {c for _, c in good})
-    if lost:
-        raise M2MError(
-            f"dataset.root: no image under {split.dir} can be decoded in the class folders "
-            f"{_names([split.classes[c] for c in lost])}"
-        )
+    _check_classes(split, [c for _, c in good])
     images = torch.stack([d for d, _ in good])
     data = ImageData(images, torch.tensor([c for _, c in good]), split.classes)
     if cache is not None:
@@ -342,6 +437,50 @@ def _image_folder(
     return data
 
 
+def _undecoded(split: FolderSplit, results: list[Any]) -> list[tuple[str, str]]:
+    """``(path relative to the split folder, why)`` of the files whose result is a reason."""
+    return [
+        (str(f.relative_to(split.dir)), r)
+        for (f, _), r in zip(split.files, results, strict=True)
+        if isinstance(r, str)
+    ]
+
+
+def _check_classes(split: FolderSplit, labels: list[int]) -> None:
+    """Refuse a split in which a class lost every image to ``dataset.bad_files=skip``."""
+    lost = sorted(set(range(len(split.classes))) - set(labels))
+    if lost:
+        raise M2MError(
+            f"dataset.root: no image under {split.dir} can be decoded in the class folders "
+            f"{_names([split.classes[c] for c in lost])}"
+        )
+
+
+def _streamed(
+    split: FolderSplit,
+    sizes: list[tuple[int, int] | str],
+    size: int | None,
+    shape: tuple[int, int],
+    policy: str,
+    workers: int,
+) -> FileData:
+    """The split left on disk: the files whose header could be read (the others go through
+    ``dataset.bad_files`` as when decoding into memory)."""
+    _bad_files(split, _undecoded(split, sizes), policy)
+    good = [f for f, s in zip(split.files, sizes, strict=True) if not isinstance(s, str)]
+    labels = [c for _, c in good]
+    _check_classes(split, labels)
+    h, w = shape
+    log.info(
+        "dataset.in_memory: streaming %d images from %s (%.1f GB decoded)",
+        len(good),
+        split.dir,
+        len(good) * 3 * h * w / 1e9,
+    )
+    files = [f for f, _ in good]
+    return FileData(files, torch.tensor(labels), split.classes, size, shape, workers)
+
+
 def _fake(split: str, num_classes: int, n: int, image_size: int) -> ImageData:
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     img = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8)
@@ -349,7 +488,7 @@ def _fake(split: str, num_classes: int, n: int, image_size: int) -> ImageData:
     return ImageData(img, labels, [str(i) for i in range(num_classes)])
 
 
-def split_validation(data: ImageData, fraction: float) -> tuple[ImageData, ImageData]:
+def split_validation(data: Split, fraction: float) -> tuple[Split, Split]:
     """``(train, val)``: a class-stratified ``fraction`` of ``data`` held out for validation.
 
     scikit-learn's ``train_test_split(stratify=labels)`` with a fixed ``random_state``, so the
@@ -374,7 +513,7 @@ def split_validation(data: ImageData, fraction: float) -> tuple[ImageData, Image
     )
 
 
-def load_split(ds: Any, split: str, cache_dir: str | None = None) -> ImageData:
+def load_split(ds: Any, split: str, cache_dir: str | None = None) -> Split:
     """Load ``split`` of the dataset described by the ``dataset`` config: "train", "test", or
     "val" (held out of the training split when ``dataset.val_fraction > 0``; "train" is then
     what remains)."""
@@ -393,7 +532,7 @@ def val_fraction(ds: Any) -> float:
     return float(getattr(ds, "val_fraction", 0.0) or 0.0)
 
 
-def load_train_val(ds: Any, cache_dir: str | None = None) -> tuple[ImageData, ImageData | None]:
+def load_train_val(ds: Any, cache_dir: str | None = None) -> tuple[Split, Split | None]:
     """The training split read once, and the validation split held out of it (None when
     ``dataset.val_fraction`` is 0)."""
     train = _load_split(ds, "train", cache_dir)
@@ -406,34 +545,27 @@ def _tree_split(ds: Any, split: str) -> FolderSplit:
     tree = check_tree(ds)
     if split not in tree:
         raise M2MError(
-            f"dataset.root: {ds.root} has no {split} folder, so there is no {split} split; "
+            f"dataset.root: {ds.root} has no {FOLDERS[ds.name][split]} folder, so there is no "
+            f"{split} split; "
             "evaluate on the validation split (dataset.val_fraction) instead"
         )
     return tree[split]
 
 
-def _load_split(ds: Any, split: str, cache_dir: str | None) -> ImageData:
+def _load_split(ds: Any, split: str, cache_dir: str | None) -> Split:
     name = ds.name
+    data: Split
     if name == "digits":
         data = _digits(split)
     elif name in ("cifar10", "cifar100"):
         data = _cifar(name, split, ds.root or f"data/{name}", ds.download)
-    elif name == "imagefolder":
-        data = _image_folder(
-            _tree_split(ds, split),
-            ds.image_size,
-            ds.num_workers,
-            cache_dir,
-            getattr(ds, "bad_files", "error"),
-        )
+    elif name in IMAGE_TREES:
+        data = _image_folder(_tree_split(ds, split), ds, cache_dir)
     elif name == "fake":
         n = ds.fake_train_size if split == "train" else ds.fake_test_size
         data = _fake(split, ds.num_classes or 10, n, ds.image_size)
     else:  # validated by the schema; kept for direct library callers
-        raise M2MError(
-            f"dataset={name} is not valid; "
-            "choose one of: digits, cifar10, cifar100, imagefolder, fake"
-        )
+        raise M2MError(f"dataset={name} is not valid; choose one of: {', '.join(DATASETS)}")
     if ds.num_classes is not None and name != "fake" and ds.num_classes != data.num_classes:
         raise M2MError(
             f"dataset.num_classes={ds.num_classes} but dataset={name} "

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from m2mdc.data import augment as aug
-from m2mdc.data.datasets import ImageData
+from m2mdc.data.datasets import FileData, Split
+from m2mdc.data.stream import head, stream
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,15 +194,18 @@ def preprocess(
 
 
 class Batches:
-    """Iterates an :class:`ImageData` in batches of preprocessed tensors on ``device``.
+    """Iterates a split in batches of preprocessed tensors on ``device``.
 
     Args:
-        data: the split.
+        data: the split: in memory (:class:`~m2mdc.data.datasets.ImageData`), or streamed
+            from disk (:class:`~m2mdc.data.datasets.FileData`: each batch's files decoded by
+            loader workers, then augmented and preprocessed exactly as the in-memory batch of
+            the same indices, so both give the same batches).
         batch_size: examples per batch.
         image_size: side of the square model input.
         train: shuffle (seeded per epoch), random horizontal flips and the ``augment`` crops.
         seed: base seed of the order, flips and crops.
-        device: where batches are produced; the uint8 data is moved there once.
+        device: where batches are produced; in-memory uint8 data is moved there once.
         order: a fixed index order to use instead (the probe set); implies no shuffling.
         split: the split's name in metrics and logs (``test``, ``val``, ...): a training loop
             records its evaluation of these batches as ``<split>_top1``.
@@ -213,7 +217,7 @@ class Batches:
 
     def __init__(
         self,
-        data: ImageData,
+        data: Split,
         batch_size: int,
         image_size: int,
         *,
@@ -227,7 +231,9 @@ class Batches:
         self.split = split
         self.augment = aug.check(augment)
         self.device = torch.device(device)
-        self.images = data.images.to(self.device)
+        self.files = data if isinstance(data, FileData) else None
+        self.images = None if isinstance(data, FileData) else data.images.to(self.device)
+        self.shape = data.shape if isinstance(data, FileData) else tuple(data.images.shape[-2:])
         self.labels = data.labels.to(self.device)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -239,7 +245,7 @@ class Batches:
     def with_overlay(self, overlay: Overlay) -> Batches:
         """A copy (sharing the image tensors) that overlays ``overlay.maps`` on a seeded
         fraction ``overlay.prob`` of each epoch's images."""
-        n, _, h, w = self.images.shape
+        n, (h, w) = self.labels.numel(), self.shape
         if tuple(overlay.maps.shape) != (n, h, w) or overlay.maps.dtype != torch.uint8:
             raise ValueError(
                 f"overlay maps must be uint8 [{n}, {h}, {w}] like the images, got "
@@ -274,18 +280,22 @@ class Batches:
         else:
             idx = torch.arange(n)
         flips = torch.rand(n, generator=g) < 0.5 if self.train else None
-        h, w = self.images.shape[-2:]
+        h, w = self.shape
         # drawn after the order and the flips, which therefore do not change
         crops = aug.draw(self.augment, n, h, w, g) if self.train else None
         ov = self.overlay
         overlaid = (torch.rand(n, generator=g) < ov.prob).to(self.device) if ov else None
+        parts = [
+            slice(s, s + self.batch_size)
+            for s in range(start_batch * self.batch_size, n, self.batch_size)
+        ]
+        stored = self._stored(idx, parts)
         idx = idx.to(self.device)
         buffers = OutputBuffers() if self.device.type == "cpu" else None  # freed with the epoch
-        for start in range(start_batch * self.batch_size, n, self.batch_size):
-            part = slice(start, start + self.batch_size)
+        for part, raw in zip(parts, stored, strict=True):
             b = idx[part]
             crop = crops[part] if crops is not None else None
-            images = aug.view(self.augment, self.images[b], crop, self.image_size)
+            images = aug.view(self.augment, raw, crop, self.image_size)
             flip = flips[part].to(self.device) if flips is not None else None
             over = (
                 BatchOverlay(self._maps(ov, b, crop), overlaid[part], ov.alpha, ov.mode)
@@ -293,6 +303,22 @@ class Batches:
                 else None
             )
             yield preprocess(images, self.image_size, flip, over, buffers), self.labels[b]
+
+    def _stored(self, idx: torch.Tensor, parts: list[slice]) -> Iterator[torch.Tensor]:
+        """The stored uint8 images of each batch ``idx[part]``, on the device: indexed from
+        memory, or decoded by the streaming loader's workers."""
+        if self.files is not None:
+            return stream(self.files, [idx[p].tolist() for p in parts], self.device)
+        images, dev = self.images, idx.to(self.device)
+        assert images is not None
+        return (images[dev[p]] for p in parts)
+
+    def head(self, k: int) -> torch.Tensor:
+        """The split's first ``k`` stored uint8 images (unaugmented), on the device."""
+        if self.files is not None:
+            return head(self.files, k).to(self.device)
+        assert self.images is not None
+        return self.images[:k]
 
     def _maps(self, ov: Overlay, b: torch.Tensor, crop: torch.Tensor | None) -> torch.Tensor:
         """The overlay maps of the batch's examples ``b``, cropped like their images."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from m2mdc import cache
 from m2mdc.artifacts import atomic_write_json, safe_torch_load, sha256_file, torch_save_atomic
-from m2mdc.data.datasets import ImageData
+from m2mdc.data.datasets import ImageData, Split
 from m2mdc.data.loader import Batches, Overlay, _resize, normalise
 from m2mdc.errors import M2MError
 from m2mdc.ui import log, progress
@@ -215,13 +215,20 @@ def overlay_batches(
     *,
     ig_cfg: Any,
     teacher_path: Path,
-    data: ImageData,
+    data: Split,
     cache_dir: str | Path | None,
 ) -> Batches:
     """``train`` with the IG overlay of ``ig_cfg`` (``kd.ig``) attached; ``train`` itself when
-    ``ig_cfg.prob`` is 0."""
+    ``ig_cfg.prob`` is 0. The maps are computed over the images in memory: a streamed
+    training split is refused."""
     if float(ig_cfg.prob) <= 0:
         return train
+    if not isinstance(data, ImageData):
+        raise M2MError(
+            f"kd.ig.prob={ig_cfg.prob}: the IG overlay needs the training images in memory, "
+            "and they are streamed from disk; set dataset.in_memory=true (or a larger "
+            "dataset.memory_budget_gb), or kd.ig.prob=0"
+        )
     result = ig_maps(
         teacher,
         data,

@@ -164,7 +164,7 @@ def kd_repair(
     for p in teacher.parameters():
         p.requires_grad_(False)
     # two test images are enough to read the feature widths (not a whole preprocessed batch)
-    probe = preprocess(test.images[:2], test.image_size)
+    probe = preprocess(test.head(2), test.image_size)
     with torch.no_grad():
         s_dim = adapter.forward_features(student.eval(), probe)[0].shape[1]
         s_dim = s_dim if keep is None else keep.numel()
