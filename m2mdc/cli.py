@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "compare": "fair baselines: compare=teacher_same_epochs and/or torch_pruning (peer)",
     "profile": "parameters, MACs and latency of every model in the run (or one checkpoint)",
     "export": "write a model as TorchScript / ONNX / torch.export and check output parity",
-    "quantize": "INT8 (ONNX Runtime, static, QDQ) of every compressed model: top1, size, latency",
+    "quantize": "INT8 (ONNX Runtime, QDQ) of teacher and compressed models: top1, size, latency",
     "report": "tables and plots from finished runs: per-seed, compute, paper side by side",
 }
 

@@ -2,8 +2,8 @@
 
 One table names them all: the row name, the stage directory holding its ``model.pt``, its
 display name, its kind (the teacher, a student of the method, or a comparison) and whether it
-is a compressed model (the students and the Torch-Pruning peers: what the quantize stage
-deploys).
+is a compressed model (the students and the Torch-Pruning peers). The quantize stage deploys
+the compressed models and, as their reference, the teacher.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ BY_NAME = {r.name: r for r in ROWS}
 MODEL_ROWS: tuple[tuple[str, str], ...] = tuple((r.name, r.stage) for r in ROWS)
 STUDENT_ROWS: tuple[str, ...] = tuple(r.name for r in ROWS if r.kind == "student")
 COMPRESSED_ROWS: tuple[str, ...] = tuple(r.name for r in ROWS if r.compressed)
+# what the quantize stage deploys: the compressed models and the teacher they are measured against
+QUANTIZED_ROWS: tuple[str, ...] = tuple(r.name for r in ROWS if r.compressed or r.kind == "teacher")
 DISPLAY: dict[str, str] = {r.name: r.display for r in ROWS}
 
 

@@ -57,6 +57,7 @@ TARGETS = {
     "kd_throughput_vs_bare": (">=", 0.95),
     "resize_speedup": (">=", 3.0),
     "latency_speedup_over_mac_ratio_block_kd": (">=", 0.8),
+    "int8_latency_speedup_inner_slice": (">=", 1.0),
     "parallel_sweep_speedup": (">=", 1.1),
 }
 
@@ -575,6 +576,46 @@ def bench_latency(quick: bool) -> dict[str, Any]:
     return {**figures, "raw": out}
 
 
+# ---- 4b. INT8 in ONNX Runtime: the inner_slice student, FP32 vs INT8 -------------------------
+def bench_int8(quick: bool, tmp: Path) -> dict[str, Any]:
+    """FP32 over INT8 ONNX Runtime latency of the inner_slice-sized student (as in
+    :func:`bench_latency`), exported and quantized as the quantize stage does (m2mdc.int8:
+    QDQ, per-channel weights, calibrated on synthetic images), both sessions on torch's thread
+    count and timed interleaved in this process at batch 1 and 64."""
+    from m2mdc import int8
+    from m2mdc.profiling import batch_schedule
+    from m2mdc.stages.export import EXPORTERS
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", 10).eval()
+    inner = sliced_student(get_adapter(teacher).keep(teacher, QUICKSTART_KEEP)).eval()
+    calib = Batches(synthetic_images(128, 32), 64, 32)
+    fp32, q8 = tmp / "inner_slice_fp32.onnx", tmp / "inner_slice_int8.onnx"
+    EXPORTERS["onnx"](inner, next(iter(calib))[0][:4], fp32)
+    int8.quantize(fp32, q8, calib)
+    threads = torch.get_num_threads()
+    sessions = {"fp32": int8.session(fp32, threads), "int8": int8.session(q8, threads)}
+    out: dict[str, Any] = {"threads": threads, "onnxruntime_version": int8.version()}
+    out |= {"fp32_bytes": fp32.stat().st_size, "int8_bytes": q8.stat().st_size, "input_size": 32}
+    figures = {}
+    for bs in (1, 64):
+        repeats, warmup = batch_schedule(bs, 60 if quick else 200, 10)
+        t = int8.latencies(sessions, 32, bs, warmup, repeats)
+        speedup = med(t["fp32"]) / med(t["int8"])
+        figures["int8_latency_speedup_inner_slice" + ("" if bs == 1 else f"_b{bs}")] = speedup
+        out[f"b{bs}"] = {
+            "repeats": repeats,
+            "warmup": warmup,
+            "fp32_ms": med(t["fp32"]),
+            "int8_ms": med(t["int8"]),
+            "per_round_ratio_median": med(
+                [f / q for f, q in zip(t["fp32"], t["int8"], strict=True)]
+            ),
+        }
+        log(f"int8 inner_slice batch {bs}: FP32/INT8 {speedup:.2f}x ({threads} threads)")
+    return {**figures, "raw": out}
+
+
 # ---- 5. sweep: teacher trainings with and without the cache ---------------------------------
 SWEEP_ARGS = [
     "-m",
@@ -782,38 +823,43 @@ def check_targets(result: dict[str, Any]) -> dict[str, bool]:
     return ok
 
 
+BENCHES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+    "mi": lambda tmp, quick: bench_mi(quick),
+    "kd": lambda tmp, quick: bench_kd(quick, tmp),
+    "resize": lambda tmp, quick: bench_resize(quick),
+    "latency": lambda tmp, quick: bench_latency(quick),
+    "int8": lambda tmp, quick: bench_int8(quick, tmp),
+    "sparsity": lambda tmp, quick: bench_sparsity(quick),
+    "sweep": lambda tmp, quick: bench_sweep(tmp),
+    "parallel": lambda tmp, quick: bench_parallel_sweep(tmp),
+    "stream": lambda tmp, quick: bench_stream(quick, tmp),
+}
+"""``--only`` name -> the figures it measures (in a scratch dir, quick or not), in run order."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes)")
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument(
         "--only",
-        default="mi,kd,resize,latency,sparsity,sweep,parallel,stream",
-        help="comma-separated subset of: mi, kd, resize, latency, sparsity, sweep, parallel, "
-        "stream",
+        default=",".join(BENCHES),
+        help=f"comma-separated subset of: {', '.join(BENCHES)}",
     )
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
+    if unknown := only - set(BENCHES):
+        ap.error(f"--only: unknown {', '.join(sorted(unknown))}; choices: {', '.join(BENCHES)}")
     t_start = time.perf_counter()
     result: dict[str, Any] = {"quick": args.quick, "machine": machine(), "raw": {}}
-    benches: list[tuple[str, Callable[[Path], dict[str, Any]]]] = [
-        ("mi", lambda tmp: bench_mi(args.quick)),
-        ("kd", lambda tmp: bench_kd(args.quick, tmp)),
-        ("resize", lambda tmp: bench_resize(args.quick)),
-        ("latency", lambda tmp: bench_latency(args.quick)),
-        ("sparsity", lambda tmp: bench_sparsity(args.quick)),
-        ("sweep", bench_sweep),
-        ("parallel", bench_parallel_sweep),
-        ("stream", lambda tmp: bench_stream(args.quick, tmp)),
-    ]
     tmp = Path(tempfile.mkdtemp(prefix="m2mdc-bench-"))
     try:
-        for name, fn in benches:
+        for name, fn in BENCHES.items():
             if name not in only:
                 continue
             log(f"{name} ...")
             t0 = time.perf_counter()
-            got = fn(tmp)
+            got = fn(tmp, args.quick)
             result["raw"][name] = got.pop("raw")
             result["raw"][name]["bench_seconds"] = time.perf_counter() - t0
             result.update(got)

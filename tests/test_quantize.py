@@ -31,7 +31,8 @@ TINY = [
     "quantize.latency_repeats=3",
     "quantize.latency_warmup=1",
 ]
-QUANTIZED = ("block_kd", "inner_slice")  # the compressed models of a run without peers
+# the teacher and the compressed models of a run without peers
+QUANTIZED = ("teacher", "block_kd", "inner_slice")
 
 
 # ---- refusals and configuration ---------------------------------------------------------
@@ -95,6 +96,48 @@ def test_quantize_without_a_compressed_model_is_one_line(compose_cfg, tmp_path):
     assert not (tmp_path / "quantize" / "done.json").exists()
 
 
+def _fake_run(run_dir: Path, fingerprints: dict[str, str]) -> None:
+    """A run directory holding a finished model for each stage of ``fingerprints``."""
+    for stage, fp in fingerprints.items():
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        (run_dir / stage / "model.pt").write_bytes(b"")
+        (run_dir / stage / "done.json").write_text(json.dumps({"fingerprint": fp}))
+
+
+def test_the_teacher_and_the_compressed_models_are_quantized_not_the_comparison_teacher(
+    compose_cfg, tmp_path
+):
+    """The rows the stage deploys, and its staleness: a retrained teacher or student changes
+    its fingerprint, a retrained comparison teacher (which it does not deploy) does not."""
+    from m2mdc.stages.quantize import quantized_rows
+
+    cfg = compose_cfg("command=quantize")
+    stages = ("teacher", "prune", "distill", "slice", "teacher_same_epochs")
+    _fake_run(tmp_path, {st: f"fp-{st}" for st in stages})
+    ctx = Context(cfg, tmp_path)
+    assert quantized_rows(ctx) == {
+        "teacher": "teacher",
+        "block_kd": "distill",
+        "inner_slice": "slice",
+    }
+    before = ctx.fingerprint("quantize")
+    for stage, stale in (("teacher_same_epochs", False), ("teacher", True), ("slice", True)):
+        _fake_run(tmp_path, {stage: f"retrained-{stage}"})
+        after = Context(cfg, tmp_path).fingerprint("quantize")
+        assert (after != before) == stale, stage
+        before = after
+
+
+def test_a_run_with_only_a_teacher_is_refused(compose_cfg, tmp_path):
+    """The teacher is quantized as the students' reference, never alone."""
+    from m2mdc.pipeline import run_command
+
+    _fake_run(tmp_path, {"teacher": "fp-teacher"})
+    with pytest.raises(M2MError, match="has none: run `m2mdc run`"):
+        run_command("quantize", compose_cfg("command=quantize"), tmp_path)
+    assert not (tmp_path / "quantize").exists()
+
+
 def test_report_aggregates_the_int8_columns_and_places_int8_points():
     from m2mdc.report import Run, int8_rows
     from m2mdc.report_plots import int8_points
@@ -114,7 +157,7 @@ def test_report_aggregates_the_int8_columns_and_places_int8_points():
         return Run(Path(f"r{seed}"), seed, {}, rows, {})
 
     agg = int8_rows([run(1, 80.0, 1.0), run(2, 82.0, 3.0)])
-    assert [r["model"] for r in agg] == ["inner_slice"]  # the teacher was not quantized
+    assert [r["model"] for r in agg] == ["inner_slice"]  # a row without INT8 columns is left out
     (r,) = agg
     assert (r["n"], r["int8_top1_mean"], r["int8_latency_ms_mean"]) == (2, 81.0, 2.0)
     assert r["fp32_ort_latency_ms_mean"] == 4.0 and r["macs_mean"] == 1e9
@@ -185,7 +228,7 @@ def test_int8_top1_is_within_a_few_points_of_fp32_which_matches_pytorch(quantize
     test = Batches(load_split(cfg.dataset, "test", cfg.cache_dir), 64, 32)  # evaluation batches
     m = _metrics(quantized_run)
     assert m["top1_split"] == "test" and set(m["models"]) == set(QUANTIZED)
-    for row, stage in (("block_kd", "distill"), ("inner_slice", "slice")):
+    for row, stage in (("teacher", "teacher"), ("block_kd", "distill"), ("inner_slice", "slice")):
         fp32, q8 = (_top1(p, test) for p in _files(quantized_run, row))
         torch_top1 = json.loads((quantized_run / stage / "metrics.json").read_text())["top1"]
         got = m["models"][row]
@@ -242,7 +285,6 @@ def test_summary_rows_of_the_quantized_models_gain_the_int8_columns(quantized_ru
         for key in ("int8_top1", "int8_bytes", "int8_latency_ms", "int8_latency_ms_b64"):
             assert rows[row][key] == models[row][key]
         assert rows[row]["fp32_ort_top1"] == models[row]["fp32_ort_top1"]
-    assert not any(k.startswith("int8_") for k in rows["teacher"])
 
 
 @pytest.mark.slow
@@ -269,7 +311,11 @@ def test_report_has_an_int8_table_and_int8_points(quantized_run, tmp_path):
     text = (tmp_path / "report.md").read_text()
     table = text.split("### INT8 deployment", 1)[1].split("\n### ", 1)[0]
     rows = {r["model"]: r for r in json.loads((quantized_run / "summary.json").read_text())["rows"]}
-    for row, display in (("block_kd", "Block-KD"), ("inner_slice", "Inner-slice")):
+    for row, display in (
+        ("teacher", "Teacher"),
+        ("block_kd", "Block-KD"),
+        ("inner_slice", "Inner-slice"),
+    ):
         line = next(ln for ln in table.splitlines() if ln.startswith(f"| {display} |"))
         assert f"| {rows[row]['int8_top1']:.2f} ± n/a |" in line
     points = int8_points(aggregate(find_runs([quantized_run])), "macs")

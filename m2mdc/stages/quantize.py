@@ -1,8 +1,8 @@
 """quantize: INT8 models of the run's compressed models, measured in ONNX Runtime.
 
-``m2mdc quantize`` (and ``m2mdc run`` with ``quantize.enabled=true``, after the profile). Every
-compressed model the run holds (block_kd, inner_slice, the Torch-Pruning peers;
-:data:`~m2mdc.rows.COMPRESSED_ROWS`) is exported to FP32 ONNX by the export stage's exporter
+``m2mdc quantize`` (and ``m2mdc run`` with ``quantize.enabled=true``, after the profile). The
+teacher and every compressed model the run holds (block_kd, inner_slice, the Torch-Pruning
+peers; :data:`~m2mdc.rows.QUANTIZED_ROWS`) are exported to FP32 ONNX by the export stage's exporter
 and quantized by ONNX Runtime (:mod:`m2mdc.int8`: QDQ, per-channel int8 weights), calibrated on
 ``quantize.calibration_samples`` training images (a fixed, class-mixed order seeded by
 ``seed``, preprocessed as for evaluation). Per model, ``quantize/metrics.json`` records:
@@ -15,8 +15,8 @@ and quantized by ONNX Runtime (:mod:`m2mdc.int8`: QDQ, per-channel int8 weights)
   process on ``threads`` intra-op threads (torch's count), with ``int8_speedup(_b<N>)``.
 
 The files are ``quantize/<row>/fp32.onnx`` and ``int8.onnx``. Like the profile, the stage
-measures whatever models the run holds: a new or retrained compressed model makes it stale,
-and it is recomputed.
+measures whatever models the run holds: a new or retrained teacher or compressed model makes it
+stale, and it is recomputed (a comparison teacher, which it does not quantize, does not).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from m2mdc.data.datasets import class_interleaved_order
 from m2mdc.data.loader import Batches
 from m2mdc.errors import M2MError
 from m2mdc.profiling import batch_schedule
-from m2mdc.rows import COMPRESSED_ROWS, finished_models
+from m2mdc.rows import COMPRESSED_ROWS, QUANTIZED_ROWS, finished_models
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.export import EXPORTERS
 from m2mdc.stages.profile import latency_key
@@ -47,14 +47,16 @@ COLUMN_PREFIXES = ("int8_", "fp32_ort_")
 
 
 def quantized_rows(ctx: Context) -> dict[str, str]:
-    """Row -> stage of every compressed model the run holds, in pipeline order."""
-    return {r: st for r, st in finished_models(ctx.run_dir).items() if r in COMPRESSED_ROWS}
+    """Row -> stage of the teacher and every compressed model the run holds, in pipeline
+    order."""
+    return {r: st for r, st in finished_models(ctx.run_dir).items() if r in QUANTIZED_ROWS}
 
 
 def model_fingerprints(ctx: Context) -> dict[str, str | None]:
     """Row -> fingerprint of the models it quantizes: its fingerprint input (a new or
-    retrained compressed model makes its outputs stale; a new comparison teacher does not)."""
-    return {r: fp for r, fp in ctx.model_fingerprints().items() if r in COMPRESSED_ROWS}
+    retrained teacher or compressed model makes its outputs stale; a new comparison teacher
+    does not)."""
+    return {r: fp for r, fp in ctx.model_fingerprints().items() if r in QUANTIZED_ROWS}
 
 
 def calibration_batches(ctx: Context) -> Batches:
@@ -117,7 +119,7 @@ def _time(
 
 def run(ctx: Context) -> dict[str, Any]:
     found = quantized_rows(ctx)
-    if not found:
+    if not set(found) & set(COMPRESSED_ROWS):  # the teacher alone is no deployment
         raise M2MError(
             f"quantize needs a run directory with a compressed model ({', '.join(COMPRESSED_ROWS)}"
             f"); {ctx.run_dir} has none: run `m2mdc run` (or the stages up to distill) first"
