@@ -150,95 +150,135 @@ def kd_repair(
     ``spec.perf`` (:mod:`m2mdc.train.perf`) applies to both networks' forward passes.
     ``extras``: see :class:`RepairExtras`."""
     spec = TrainSpec.given(spec, fields)
-    adapter = get_adapter(student)
-    sparsity, decay = (extras.sparsity, extras.decay) if extras else (None, None)
-    keep = None  # the kept penultimate features while a decay removes some
-    if decay is not None and decay.feature_keep is not None:
-        keep = torch.as_tensor(decay.feature_keep, dtype=torch.long, device=train.device)
-        if feature_index is None:  # the student's channels are the teacher's
-            feature_index = decay.feature_keep
-    if decay is not None:  # the last epoch is the only one at factor 0
+    extras = extras or RepairExtras()
+    if extras.decay is not None:  # the last epoch is the only one at factor 0
         spec = dataclasses.replace(spec, select="last")
-    epochs, perf, smoothing = spec.epochs, spec.perf, spec.label_smoothing
+        if extras.decay.feature_keep is not None and feature_index is None:
+            feature_index = extras.decay.feature_keep  # the student's channels are the teacher's
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    # two test images are enough to read the feature widths (not a whole preprocessed batch)
-    probe = preprocess(test.head(2), test.image_size)
-    with torch.no_grad():
-        s_dim = adapter.forward_features(student.eval(), probe)[0].shape[1]
-        s_dim = s_dim if keep is None else keep.numel()
-        t_dim = get_adapter(teacher).forward_features(teacher, probe)[0].shape[1]
-    mode = feature_match if needs_features(terms) else "none"
-    aligner = FeatureAligner(s_dim, t_dim, mode, feature_index).to(train.device)
-    t_adapter = get_adapter(teacher)
-    perf_mod.apply_memory_format(teacher, perf)  # the student's is set by fit()
-    # the two forward passes, through torch.compile when perf.compile is set
-    t_forward = perf_mod.compiled(lambda x: t_adapter.forward_features(teacher, x), perf)
-    s_forward = perf_mod.compiled(lambda x: adapter.forward_features(student, x), perf)
-    # stage outputs for attention transfer: hooks only when a term needs them
-    taps = (StageTap(student), StageTap(teacher)) if needs_stages(terms) else None
+    objective = KDObjective(student, teacher, test, spec, terms, temperature, extras)
+    objective.align(feature_match, feature_index, train.device)
+    params = list(student.parameters()) + list(objective.aligner.parameters())
+    try:
+        return fit(
+            student,
+            params,
+            train,
+            test,
+            spec,
+            loss_fn=objective,
+            val=val,
+            epoch_info=objective.epoch_info,
+            extra_state=objective.extra_state(),
+        )
+    finally:
+        objective.close()
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
+
+class KDObjective:
+    """The loss of one KD repair: the weighted terms of :mod:`m2mdc.distill.losses` on the
+    student's and the frozen teacher's outputs, plus the optional sparsity penalty, with soft
+    channel masks advanced once per step (:class:`RepairExtras`)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        test: Batches,
+        spec: TrainSpec,
+        terms: list[Term],
+        temperature: float,
+        extras: RepairExtras,
+    ) -> None:
+        self.student, self.teacher, self.test = student, teacher, test
+        self.terms, self.temperature, self.extras = terms, temperature, extras
+        self.epochs, self.smoothing = spec.epochs, spec.label_smoothing
+        decay = extras.decay
+        self.keep = None  # the kept penultimate features while a decay removes some
+        if decay is not None and decay.feature_keep is not None:
+            self.keep = torch.as_tensor(decay.feature_keep, dtype=torch.long, device=test.device)
+        s_adapter, t_adapter = get_adapter(student), get_adapter(teacher)
+        perf_mod.apply_memory_format(teacher, spec.perf)  # the student's is set by fit()
+        # the two forward passes, through torch.compile when perf.compile is set
+        self.t_forward = perf_mod.compiled(
+            lambda x: t_adapter.forward_features(teacher, x), spec.perf
+        )
+        self.s_forward = perf_mod.compiled(
+            lambda x: s_adapter.forward_features(student, x), spec.perf
+        )
+        # stage outputs for attention transfer: hooks only when a term needs them
+        self.taps = (StageTap(student), StageTap(teacher)) if needs_stages(terms) else None
+        self.aligner = FeatureAligner(1, 1, "none")
+
+    def align(self, mode: str, index: Sequence[int] | None, device: torch.device) -> None:
+        """Set the feature aligner from the two networks' penultimate widths."""
+        # two test images are enough to read the feature widths (not a whole batch)
+        probe = preprocess(self.test.head(2), self.test.image_size)
+        with torch.no_grad():
+            s_dim = get_adapter(self.student).forward_features(self.student.eval(), probe)[0]
+            t_dim = get_adapter(self.teacher).forward_features(self.teacher, probe)[0]
+        width = s_dim.shape[1] if self.keep is None else self.keep.numel()
+        mode = mode if needs_features(self.terms) else "none"
+        self.aligner = FeatureAligner(width, t_dim.shape[1], mode, index).to(device)
+
+    def extra_state(self) -> nn.Module:
+        """What a resumable state saves besides the student and its optimizer."""
+        decay = self.extras.decay
+        if decay is None:
+            return self.aligner
+        return nn.ModuleDict({"aligner": self.aligner, "decay": decay})
+
+    def _forwards(self, x: torch.Tensor) -> tuple[Any, ...]:
         # The teacher runs under no_grad, not inference_mode: the KD terms (cosine, KL) save
         # their inputs, the teacher's outputs included, for backward, and inference tensors
         # cannot be saved for backward.
-        if decay is not None:
-            decay.advance()
-        if taps is None:
+        if self.taps is None:
             with torch.no_grad():
-                t_feat, t_logits = t_forward(x)
-            s_feat, s_logits = s_forward(x)
-            s_stages = t_stages = None
-        else:
-            with torch.no_grad(), taps[1].collect() as t_stages:
-                t_feat, t_logits = t_forward(x)
-            with taps[0].collect() as s_stages:
-                s_feat, s_logits = s_forward(x)
+                t_feat, t_logits = self.t_forward(x)
+            s_feat, s_logits = self.s_forward(x)
+            return s_feat, s_logits, t_feat, t_logits, None, None
+        with torch.no_grad(), self.taps[1].collect() as t_stages:
+            t_feat, t_logits = self.t_forward(x)
+        with self.taps[0].collect() as s_stages:
+            s_feat, s_logits = self.s_forward(x)
+        return s_feat, s_logits, t_feat, t_logits, s_stages, t_stages
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
+        if self.extras.decay is not None:
+            self.extras.decay.advance()
+        s_feat, s_logits, t_feat, t_logits, s_stages, t_stages = self._forwards(x)
         # the loss terms in float32 whatever perf.amp ran the forwards in (no-ops otherwise)
-        t_feat, t_logits, s_feat, s_logits = (
-            t_feat.float(),
-            t_logits.float(),
-            s_feat.float(),
-            s_logits.float(),
-        )
-        if keep is not None:
-            s_feat = s_feat.index_select(1, keep)
-        s_al, t_al = aligner(s_feat, t_feat)
+        s_feat, s_logits = s_feat.float(), s_logits.float()
+        t_feat, t_logits = t_feat.float(), t_logits.float()
+        if self.keep is not None:
+            s_feat = s_feat.index_select(1, self.keep)
+        s_al, t_al = self.aligner(s_feat, t_feat)
         out = KDOutputs(
-            s_logits, t_logits, s_al, t_al, y, temperature, s_stages, t_stages, smoothing
-        )
-        loss, logged = combine(terms, out, epoch, epochs)
+            s_logits, t_logits, s_al, t_al, y, self.temperature, s_stages, t_stages,
+            self.smoothing,
+        )  # fmt: skip
+        loss, logged = combine(self.terms, out, epoch, self.epochs)
+        sparsity = self.extras.sparsity
         if sparsity is not None:
             penalty = sparsity.penalty()
             logged["sparsity"] = penalty.detach()
-            w = sparsity.weight_at(epoch, epochs)
+            w = sparsity.weight_at(epoch, self.epochs)
             if w:
                 loss = loss + w * penalty
         return loss, s_logits, logged
 
-    def epoch_info(epoch: int) -> dict[str, float]:
-        info = term_weights(terms, epoch, epochs)
-        if sparsity is not None:
-            info["w_sparsity"] = sparsity.weight_at(epoch, epochs)
-        if decay is not None:
-            info["decay_factor"] = float(decay.factor)
+    def epoch_info(self, epoch: int) -> dict[str, float]:
+        """The terms' weights (and the penalty's, the decay factor) logged with each epoch."""
+        info = term_weights(self.terms, epoch, self.epochs)
+        if self.extras.sparsity is not None:
+            info["w_sparsity"] = self.extras.sparsity.weight_at(epoch, self.epochs)
+        if self.extras.decay is not None:
+            info["decay_factor"] = float(self.extras.decay.factor)
         return info
 
-    params = list(student.parameters()) + list(aligner.parameters())
-    result = fit(
-        student,
-        params,
-        train,
-        test,
-        spec,
-        loss_fn=loss_fn,
-        val=val,
-        epoch_info=epoch_info,
-        extra_state=aligner
-        if decay is None
-        else nn.ModuleDict({"aligner": aligner, "decay": decay}),
-    )
-    for tap in taps or ():  # inert outside collect(); removed so hooks do not pile up
-        tap.remove()
-    return result
+    def close(self) -> None:
+        """Remove the stage hooks (inert outside collect(), removed so they do not pile up)."""
+        for tap in self.taps or ():
+            tap.remove()
