@@ -1,8 +1,10 @@
-"""Shared fixtures: composed configs, the CIFAR-10 subset, a CLI runner."""
+"""Shared fixtures: composed configs, the CIFAR-10 subset, a CLI runner, one stage cache and one
+finished quick run for the whole session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = ROOT.parent / "shared" / "data" / "cifar10-subset.zip"
@@ -56,6 +59,28 @@ def tiny_classifier() -> torch.nn.Module:
     )
 
 
+# the quickstart experiment (the default) shrunk to seconds: 5 training batches per epoch
+TINY = [
+    "dataset.limit_train=160",
+    "dataset.limit_test=80",
+    "dataset.batch_size=32",
+    "teacher.epochs=2",
+    "kd.epochs=2",
+    "score.probe_samples=96",
+    "prune.bn_recal_batches=4",
+    "profile.latency_repeats=3",
+    "profile.latency_warmup=1",
+    "slice.repair_epochs=1",
+]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
 def run_cli(
     *args: str, cwd: Path, timeout: int = 900, env: dict | None = None
 ) -> subprocess.CompletedProcess:
@@ -77,3 +102,36 @@ def cifar_root(tmp_path_factory) -> Path:
         z.extractall(out)
     candidates = [p.parent for p in out.rglob("train") if p.is_dir()]
     return candidates[0]
+
+
+def _session_dir(tmp_path_factory) -> Path:
+    """A directory of this test session that every pytest-xdist worker sees (the workers'
+    base temporary directories share a parent that is new for each session)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def stage_cache(tmp_path_factory) -> Path:
+    """One stage cache (``cache_dir=``) for the session, shared by the xdist workers: a teacher
+    and block scores of one configuration are trained once (m2mdc's cache takes a lock per
+    entry, so racing commands compute an entry once). Tests about the cache itself keep their
+    own ``cache_dir``; the default of a command run in ``tiny_run.parent`` is this one too."""
+    path = _session_dir(tmp_path_factory) / "shared" / "outputs" / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, stage_cache) -> Path:
+    """One finished ``m2mdc run`` of TINY (real console script) for the whole session, made
+    once across the xdist workers (a file lock). Read it; a test that runs a command on it
+    works on a ``shutil.copytree`` copy. Run in ``stage_cache``'s working directory, so commands
+    run with ``cwd=tiny_run.parent`` find its teacher and scores in their default cache."""
+    cwd = stage_cache.parents[1]
+    run_dir = cwd / "tiny_run"
+    with FileLock(str(cwd / "tiny_run.lock")):
+        if not (run_dir / "profile" / "done.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed attempt of another worker
+            _ok(run_cli("run", *TINY, f"hydra.run.dir={run_dir}", cwd=cwd))
+    return run_dir

@@ -22,9 +22,9 @@ from m2mdc.stage import Context
 from tests.conftest import run_cli
 
 # the quickstart experiment (the default), shrunk further than the end-to-end tests' TINY
-TINY = [
-    "dataset.limit_train=192",
-    "dataset.limit_test=96",
+TINY = [  # 3 training batches an epoch
+    "dataset.limit_train=96",
+    "dataset.limit_test=48",
     "dataset.batch_size=32",
     "teacher.epochs=1",
     "kd.epochs=1",

@@ -73,11 +73,12 @@ def test_budget_and_keep_cfg_together_are_refused(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["recipe=m2mdc", "recipe=budget"])
-def test_run_with_a_budget_lands_the_inner_slice_on_it(tmp_path, recipe):
+def test_run_with_a_budget_lands_the_inner_slice_on_it(tmp_path, stage_cache, recipe):
     from tests.test_e2e import TINY, _ok
 
     run = tmp_path / "run"
-    _ok(run_cli("run", *TINY, recipe, "budget.macs=0.3", f"hydra.run.dir={run}", cwd=tmp_path))
+    args = [*TINY, recipe, "budget.macs=0.3", f"cache_dir={stage_cache}"]  # the teacher: cached
+    _ok(run_cli("run", *args, f"hydra.run.dir={run}", cwd=tmp_path))
     plan = json.loads((run / "prune" / "plan.json").read_text())["budget"]
     rows = {r["model"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
     target = round(0.3 * rows["teacher"]["macs"])

@@ -13,38 +13,15 @@ import pytest
 import torch
 
 from m2mdc.artifacts import load_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import TINY, _ok, run_cli  # other test files import TINY, _ok from here
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "dataset.limit_train=320",
-    "dataset.limit_test=160",
-    "dataset.batch_size=32",
-    "teacher.epochs=2",
-    "kd.epochs=2",
-    "score.probe_samples=192",
-    "prune.bn_recal_batches=4",
-    "profile.latency_repeats=3",
-    "profile.latency_warmup=1",
-    "slice.repair_epochs=1",
-]
 
-
-def _ok(proc):
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    )
-    return proc
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> Path:
-    """One `m2mdc run` of the quickstart experiment, shrunk to a few seconds."""
-    cwd = tmp_path_factory.mktemp("e2e")
-    run_dir = cwd / "run"
-    _ok(run_cli("run", *TINY, f"hydra.run.dir={run_dir}", cwd=cwd))
-    return run_dir
+@pytest.fixture
+def quick_run(tiny_run) -> Path:
+    """One `m2mdc run` of the quickstart experiment, shrunk to a few seconds (the session's)."""
+    return tiny_run
 
 
 def test_run_writes_every_contract_file(quick_run):
@@ -109,23 +86,27 @@ def test_summary_rows_and_reductions(quick_run):
     assert rows["inner_slice"]["params"] == sum(p.numel() for p in model.parameters())
 
 
-def test_rerun_skips_finished_stages(quick_run):
-    proc = _ok(run_cli("run", *TINY, f"hydra.run.dir={quick_run}", cwd=quick_run.parent))
+def test_rerun_skips_finished_stages(quick_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    proc = _ok(run_cli("run", *TINY, f"hydra.run.dir={run}", cwd=quick_run.parent))
     assert proc.stdout.count("skipped") >= 5
 
 
-def test_changed_config_in_same_dir_is_refused_without_touching_outputs(quick_run):
-    before = (quick_run / "teacher" / "model.pt").read_bytes()
+def test_changed_config_in_same_dir_is_refused_without_touching_outputs(quick_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quick_run, run)
+    before = (run / "teacher" / "model.pt").read_bytes()
     proc = run_cli(
         "finetune-teacher",
         *TINY,
         "teacher.epochs=3",
-        f"hydra.run.dir={quick_run}",
+        f"hydra.run.dir={run}",
         cwd=quick_run.parent,
     )
     assert proc.returncode == 2
     assert "teacher.epochs: 2 -> 3" in proc.stderr and "force=true" in proc.stderr
-    assert (quick_run / "teacher" / "model.pt").read_bytes() == before
+    assert (run / "teacher" / "model.pt").read_bytes() == before
 
 
 def test_stage_before_prerequisite_names_the_command(tmp_path):
@@ -199,7 +180,9 @@ def _top1s(run_dir: Path) -> dict[str, float]:
     return {r["model"]: r["top1"] for r in s["rows"]}
 
 
-def test_sigkill_during_distill_then_rerun_gives_identical_results(quick_run, tmp_path):
+def test_sigkill_during_distill_then_rerun_gives_identical_results(
+    quick_run, stage_cache, tmp_path
+):
     import os
     import signal
     import subprocess
@@ -208,7 +191,7 @@ def test_sigkill_during_distill_then_rerun_gives_identical_results(quick_run, tm
 
     run_dir = tmp_path / "killed"
     exe = Path(sys.executable).parent / "m2mdc"
-    args = [str(exe), "run", *TINY, f"hydra.run.dir={run_dir}"]
+    args = [str(exe), "run", *TINY, f"hydra.run.dir={run_dir}", f"cache_dir={stage_cache}"]
     proc = subprocess.Popen(
         args,
         cwd=tmp_path,
@@ -224,7 +207,7 @@ def test_sigkill_during_distill_then_rerun_gives_identical_results(quick_run, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "distill" / "done.json").exists()
-    resumed = _ok(run_cli("run", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path))
+    resumed = _ok(run_cli(*args[1:], cwd=tmp_path))
     assert "distill: resuming after epoch 1" in resumed.stdout
     assert _top1s(run_dir) == _top1s(quick_run)
     d1 = json.loads((run_dir / "distill" / "metrics.json").read_text())["epochs"]
@@ -323,11 +306,15 @@ def test_unwritable_output_dir_is_refused(tmp_path):
     assert blocker.read_text() == "x"
 
 
-def test_stage_by_stage_equals_run(quick_run):
-    cwd = quick_run.parent  # same cache_dir: teacher and scores are reused from the cache
-    run_dir = cwd / "stages"
-    for cmd in ("finetune-teacher", "score", "prune", "distill", "slice", "profile"):
-        proc = _ok(run_cli(cmd, *TINY, f"hydra.run.dir={run_dir}", cwd=cwd))
+def test_stage_by_stage_equals_run(quick_run, stage_cache, tmp_path):
+    from m2mdc import api
+
+    run_dir = tmp_path / "stages"
+    # the stage commands in process (the API runs what the command line runs; no start-ups),
+    # the last one on the command line; teacher and scores are reused from the cache
+    for cmd in ("finetune-teacher", "score", "prune", "distill", "slice"):
+        api.stage(cmd, [*TINY, f"cache_dir={stage_cache}"], run_dir=run_dir)
+    proc = _ok(run_cli("profile", *TINY, f"hydra.run.dir={run_dir}", cwd=quick_run.parent))
     assert "profile (run" in proc.stdout
     for stage in ("teacher", "prune", "distill", "slice"):
         a = json.loads((run_dir / stage / "metrics.json").read_text())["top1"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from m2mdc import rundir
+from m2mdc import api, rundir
+from m2mdc.cli import main
 from m2mdc.pipeline import objective
 from tests.conftest import run_cli
 from tests.test_e2e import TINY, _ok
@@ -29,11 +30,12 @@ def _snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.fixture(scope="module")
-def ratio_run(tmp_path_factory) -> Path:
-    """A finished quick run made with prune.ratio=0.5."""
+def ratio_run(tmp_path_factory, stage_cache) -> Path:
+    """A finished quick run made with prune.ratio=0.5 (teacher and scores from the cache)."""
     cwd = tmp_path_factory.mktemp("record")
     run = cwd / "run"
-    _ok(run_cli("run", *TINY, "prune.ratio=0.5", f"hydra.run.dir={run}", cwd=cwd))
+    args = [*TINY, "prune.ratio=0.5", f"cache_dir={stage_cache}", f"hydra.run.dir={run}"]
+    _ok(run_cli("run", *args, cwd=cwd))
     return run
 
 
@@ -77,24 +79,26 @@ def test_a_second_command_on_a_run_dir_in_use_is_refused(ratio_run):
     assert _snapshot(ratio_run) == before  # the lock and PID files are gone again
 
 
-def test_stage_by_stage_keeps_the_summary_complete(tmp_path):
+def test_stage_by_stage_keeps_the_summary_complete(tmp_path, stage_cache):
+    """Each command in process (the API runs what `m2mdc <command>` runs, without a start-up
+    per command); teacher and scores from the session's cache."""
     run = tmp_path / "run"
-    args = [*TINY, f"hydra.run.dir={run}"]
+    args = [*TINY, f"cache_dir={stage_cache}"]
     for command in ("finetune-teacher", "score", "prune", "distill", "slice"):
-        _ok(run_cli(command, *args, cwd=tmp_path))
+        api.stage(command, args, run_dir=run)
     summary = json.loads((run / "summary.json").read_text())
     assert [r["model"] for r in summary["rows"]] == ["teacher", "block_kd", "inner_slice"]
     assert summary["profiled"] is False and summary["rows"][1]["latency_ms"] is None
     # the counted columns equal what the profile measures later
     counted = {r["model"]: (r["params"], r["macs"]) for r in summary["rows"]}
 
-    _ok(run_cli("compare", *args, "compare=teacher_same_epochs", cwd=tmp_path))
+    api.stage("compare", [*args, "compare=teacher_same_epochs"], run_dir=run)
     summary = json.loads((run / "summary.json").read_text())
     assert [r["model"] for r in summary["rows"]][-1] == "teacher_same_epochs"
     same = json.loads((run / "teacher_same_epochs" / "metrics.json").read_text())
     assert summary["rows"][-1]["top1"] == same["top1"]
 
-    _ok(run_cli("profile", *args, cwd=tmp_path))
+    api.stage("profile", args, run_dir=run)
     summary = json.loads((run / "summary.json").read_text())
     profile = json.loads((run / "profile" / "metrics.json").read_text())["models"]
     assert summary["profiled"] is True
@@ -104,7 +108,7 @@ def test_stage_by_stage_keeps_the_summary_complete(tmp_path):
             assert (r["params"], r["macs"]) == counted[r["model"]]
 
     out = tmp_path / "report"
-    _ok(run_cli("report", str(run), "--out", str(out), cwd=tmp_path))
+    assert main(["report", str(run), "--out", str(out)]) == 0
     assert "Teacher (same epochs)" in (out / "report.md").read_text()
 
 
@@ -124,7 +128,7 @@ def test_the_sweeper_objective_is_the_final_students_top1():
     assert objective(no_slice, None) == 91.0
 
 
-def test_an_optuna_sweep_optimises_the_final_students_top1(tmp_path):
+def test_an_optuna_sweep_optimises_the_final_students_top1(tmp_path, stage_cache):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
     proc = run_cli(
@@ -137,7 +141,7 @@ def test_an_optuna_sweep_optimises_the_final_students_top1(tmp_path):
         "hydra.sweeper.sampler.seed=1",
         "prune.ratio=choice(0.25,0.5)",
         f"hydra.sweep.dir={sweep}",
-        f"cache_dir={tmp_path / 'cache'}",
+        f"cache_dir={stage_cache}",
         cwd=tmp_path,
     )
     _ok(proc)

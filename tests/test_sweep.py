@@ -60,10 +60,10 @@ def test_two_seed_two_ratio_sweep_trains_two_teachers(tmp_path):
     for s in runs:
         by_seed.setdefault(s["seed"], set()).add(s["rows"][0]["top1"])
     assert all(len(v) == 1 for v in by_seed.values())
-    # without the cache every job trains its own teacher
+    # without the cache every job trains its own teacher (its own command is enough to show it)
     proc = _ok(
         run_cli(
-            "run",
+            "finetune-teacher",
             "-m",
             *SMALL,
             "seed=1",

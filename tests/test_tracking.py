@@ -167,7 +167,8 @@ def test_flatten_gives_dotted_keys_and_json_for_lists_and_null():
 
 
 # -- configuration: fingerprints, reports, missing packages ---------------------------------
-ALL = ["logger=[csv,tensorboard,mlflow]", "logger.every_n_steps=7"]
+# every_n_steps: at most TINY's 5 steps an epoch, so each epoch's end logs one step row
+ALL = ["logger=[csv,tensorboard,mlflow]", "logger.every_n_steps=4"]
 
 
 def test_logger_settings_change_no_fingerprint(tmp_path, compose_cfg):
