@@ -106,9 +106,7 @@ def test_same_macs_and_logits_after_keep_and_slice(pair, fraction):
     ha, ga = get_adapter(hand), get_adapter(gen)
     free = [b for b in ha.blocks(hand) if not b.protected]
     drop = {(free[0].stage, free[0].orig_index), (free[-1].stage, free[-1].orig_index)}
-    keep = {
-        s: [o for o in v if (s, o) not in drop] for s, v in hand.m2mdc_arch["keep"].items()
-    }
+    keep = {s: [o for o in v if (s, o) not in drop] for s, v in hand.m2mdc_arch["keep"].items()}
     hk, gk = ha.keep(hand, keep), ga.keep(gen, keep)
     assert _blocks(gk) == _blocks(hk)
     assert count_macs(gk, 32) == count_macs(hk, 32)
