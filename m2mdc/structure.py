@@ -79,6 +79,15 @@ def check_model(cfg: Any) -> None:
     adapter = get_adapter(model_id(cfg.model))  # generic: the library's name and the structure
     if cfg.model.get("pretrained") and not cfg.model.get("weights"):
         adapter.imagenet_weights(model_id(cfg.model))
+    policy = cfg.get("slice", {}).get("name", "none")
+    model = reference_model(model_id(cfg.model))
+    if policy != "none" and not any(
+        sliced_stages(adapter, model, key, True) for key in ("planes_keep", "mid_keep")
+    ):
+        raise M2MError(
+            f"slice={policy}: {name} has no channel group m2mdc can slice (it needs Conv2d + "
+            "BatchNorm2d producers and no grouped convs); set slice=none"
+        )
 
 
 def check_model_parts(cfg: Any) -> None:

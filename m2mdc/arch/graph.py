@@ -29,6 +29,7 @@ Channel groups (Torch-Pruning's ``DependencyGraph`` on the traced model):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +196,10 @@ def build_graph(model: nn.Module, input_size: int) -> Any:
     example = torch.zeros(1, 3, input_size, input_size, device=ref.device, dtype=ref.dtype)
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # a parameter outside any layer (ConvNeXt's layer scale) is pruned on its last
+            # non-singleton dimension, its channels: what m2mdc wants, so the notice is noise
+            warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(model, example_inputs=example)
     finally:
         model.train(training)
