@@ -70,6 +70,7 @@ def test_efficientnet_b0_runs_through_the_mac_budget_allocator(tmp_path):
         "model=auto",
         "model.name=efficientnet_b0",
         "recipe=budget",
+        "slice=planes",  # one shape to bisect: every trial is a sliced student to count
         "budget.macs=0.5",
         "budget.ratios=[0.2]",  # one block ratio: every candidate is a sliced student to count
         "budget.tolerance=0.1",

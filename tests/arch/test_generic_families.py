@@ -104,3 +104,25 @@ def test_bad_source_and_name_are_refused_with_the_choices(compose_cfg):
         check_model(compose_cfg("model=auto", "model.name=resnet5"))
     with pytest.raises(M2MError, match=r"model=auto model.source=torchvision\|timm"):
         check_model(compose_cfg("model.name=resnet50"))
+
+
+def test_channel_decay_at_zero_equals_the_sliced_bottleneck_model():
+    """The gradual schedule's soft masks reach every BN of a group, the two mid groups of a
+    Bottleneck included: at factor 0 the masked model computes what the sliced one does."""
+    from m2mdc.slicing import ChannelDecay
+
+    name = "torchvision:resnet50"
+    ad = get_adapter(name)
+    torch.manual_seed(0)
+    model = ad.create(name, 10).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 1.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+    plan = plan_slice(model, 0.5, 0.5, stages=ad.plane_stages(model))
+    assert {k.rsplit(".", 1)[1] for k in plan.mid} == {"conv1", "conv2"}
+    decay = ChannelDecay(model, plan, total_steps=1)
+    decay.advance()
+    masked = model(X)
+    decay.remove()
+    torch.testing.assert_close(masked, ad.slice(model, plan).eval()(X), rtol=1e-4, atol=1e-4)
