@@ -126,3 +126,22 @@ def test_channel_decay_at_zero_equals_the_sliced_bottleneck_model():
     masked = model(X)
     decay.remove()
     torch.testing.assert_close(masked, ad.slice(model, plan).eval()(X), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_pruning_peer_of_convnext_reloads_from_its_checkpoint(tmp_path):
+    """The Torch-Pruning peer prunes ConvNeXt's LayerNorms and layer scales too; its checkpoint
+    is rebuilt from ``arch`` and resized to the saved tensors (LayerNorm2d stays LayerNorm2d)."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    from m2mdc.artifacts import load_checkpoint, save_checkpoint
+    from m2mdc.peers import prune_uniform
+
+    name = "torchvision:convnext_tiny"
+    model = get_adapter(name).create(name, 10).eval()
+    peer = prune_uniform(model, 0.3, 32)
+    peer.m2mdc_arch["resized_by"] = "torch_pruning"  # as the compare stage records it
+    assert peer.features[1][0].layer_scale.shape[0] < 96
+    save_checkpoint(tmp_path / "model.pt", peer)
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert isinstance(loaded.features[0][1], LayerNorm2d)
+    torch.testing.assert_close(loaded(X), peer(X), rtol=0, atol=0)
