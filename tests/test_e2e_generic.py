@@ -71,6 +71,7 @@ def test_efficientnet_b0_runs_through_the_mac_budget_allocator(tmp_path):
         "model.name=efficientnet_b0",
         "recipe=budget",
         "slice=planes",  # one shape to bisect: every trial is a sliced student to count
+        "slice.repair_epochs=0",  # the budget recipe slices all 7 stages: no repair epochs
         "budget.macs=0.5",
         "budget.ratios=[0.2]",  # one block ratio: every candidate is a sliced student to count
         "budget.tolerance=0.1",

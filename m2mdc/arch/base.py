@@ -61,8 +61,9 @@ class SlicePlan:
     Attributes:
         planes: stage -> kept plane channels (ResNet: conv2 out of every block, the downsample
             out, the next stage's inputs; MobileNetV2: the group's projection outputs).
-        mid: block name -> kept mid channels (ResNet: conv1 out / bn1 / conv2 in;
-            MobileNetV2: the hidden expansion channels).
+        mid: mid-group key -> kept mid channels (ResNet: conv1 out / bn1 / conv2 in;
+            MobileNetV2: the hidden expansion channels; the key is the block name, or for the
+            generic adapter the path of the conv producing the group, see ``mid_groups``).
     """
 
     planes: dict[str, list[int]] = field(default_factory=dict)
@@ -145,7 +146,8 @@ class ArchAdapter(Protocol):
     def mid_producers(
         self, model: nn.Module, block_name: str
     ) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
-        """The conv/BN pair producing a block's mid channels; None when not mid-sliceable."""
+        """The conv/BN pair producing a mid group's channels (``block_name``: a key of
+        :meth:`mid_groups`); None when not mid-sliceable."""
         ...
 
     def mid_groups(self, model: nn.Module, block_name: str) -> list[str]:
