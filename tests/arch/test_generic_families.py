@@ -145,3 +145,19 @@ def test_torch_pruning_peer_of_convnext_reloads_from_its_checkpoint(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "model.pt")
     assert isinstance(loaded.features[0][1], LayerNorm2d)
     torch.testing.assert_close(loaded(X), peer(X), rtol=0, atol=0)
+
+
+def test_last_third_unfreezes_the_last_third_of_the_blocks_and_the_head():
+    """``teacher.unfreeze=last_third`` on a generic model: ResNet-50 has 16 blocks, so the
+    last 5 (layer3.4, layer3.5, layer4.*) and everything after them (fc) train."""
+    from m2mdc.arch.zoo import apply_unfreeze
+
+    name = "torchvision:resnet50"
+    model = get_adapter(name).create(name, 10)
+    trainable = apply_unfreeze(model, "last_third")
+    expected = ("layer3.4.", "layer3.5.", "layer4.", "fc.")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(expected) for n in names)
+    assert trainable == sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(expected)
+    )
