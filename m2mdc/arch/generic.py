@@ -54,13 +54,14 @@ def _timm() -> Any:
         ) from None
 
 
-def _choices(source: str) -> list[str]:
+@functools.cache
+def _choices(source: str) -> tuple[str, ...]:
     """The classification models ``source`` builds (its own registry)."""
     if source == "torchvision":
         import torchvision
 
-        return list(torchvision.models.list_models(module=torchvision.models))
-    return list(_timm().list_models())
+        return tuple(torchvision.models.list_models(module=torchvision.models))
+    return tuple(_timm().list_models())
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -126,8 +127,8 @@ class GenericAdapter(AdapterBase):
         return structure_of(name).classifier
 
     def _torchvision(self, name: str, num_classes: int) -> nn.Module:
-        model = _builder(*split_name(name))(num_classes)
-        source = split_name(name)[0]
+        source, arch = split_name(name)
+        model = _builder(source, arch)(num_classes)
         model.m2mdc_arch = {"family": self.family, "source": source, "name": name}  # type: ignore[assignment]
         return model
 
