@@ -40,9 +40,13 @@ def _f(default: Any = MISSING, *, factory: Any = None, **rules: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    # the choices are the adapter registry's (m2mdc.arch.adapters.ADAPTERS), checked one layer up
-    # with the other model settings (m2mdc.structure.check_model): the registry imports torch
+    # the choices are the adapter registry's (m2mdc.arch.adapters.ADAPTERS) for source=m2mdc,
+    # else the library's own list of models (torchvision, timm), checked one layer up with the
+    # other model settings (m2mdc.structure.check_model): the registries import torch
     name: str = MISSING
+    # m2mdc: the hand-written adapters; torchvision / timm: the generic adapter (any residual
+    # CNN of that library, read from its graph); choices m2mdc.arch.adapters.SOURCES
+    source: str = "m2mdc"
     pretrained: bool = False
     weights: str | None = None
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 from m2mdc.arch import get_adapter
@@ -35,16 +36,6 @@ BISECTION_STEPS = 30
 LATENCY_STEPS = 12  # timed bisection trials: the last bracket is MAX_RATIO / 4096 wide
 
 
-def _torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError:
-        raise M2MError(
-            "compare=torch_pruning needs the torch-pruning package: pip install 'm2mdc[peers]'"
-        ) from None
-    return torch_pruning
-
-
 def prune_uniform(
     teacher: nn.Module,
     ratio: float,
@@ -54,7 +45,6 @@ def prune_uniform(
 ) -> nn.Module:
     """A copy of ``teacher`` (on the CPU) with ``ratio`` of the channels of every prunable
     group removed by Torch-Pruning; the classifier's outputs are kept."""
-    tp = _torch_pruning()
     model = copy.deepcopy(teacher).cpu().eval()
     if ratio <= 0:
         return model

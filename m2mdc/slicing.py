@@ -80,8 +80,8 @@ def slice_groups(
     round_to: int = 1,
 ) -> list[Group]:
     """The groups a step over ``stages`` cuts: planes first (stage order), then mid channels
-    (block order). ``planes_keep``/``mid_keep``: a fraction, a mapping stage -> fraction, or
-    None (that kind is not sliced)."""
+    (block order; a block may hold several, ``adapter.mid_groups``). ``planes_keep`` /
+    ``mid_keep``: a fraction, a mapping stage -> fraction, or None (that kind is not sliced)."""
     adapter = get_adapter(model)
     groups: list[Group] = []
     for stage in stages if planes_keep is not None else []:
@@ -91,14 +91,23 @@ def slice_groups(
         if k < c:
             groups.append(Group("planes", stage, producers, adapter.stage_output(model, stage), k))
     for b in adapter.blocks(model) if mid_keep is not None else []:
-        prod = adapter.mid_producers(model, b.name) if b.stage in stages else None
-        if prod is None:
-            continue
-        c = prod[0].out_channels
-        k = round_keep(c, fraction(mid_keep, b.stage, "slice.mid_keep"), round_to)
-        if k < c:
-            groups.append(Group("mid", b.name, [prod], prod[1], k))
+        for key in adapter.mid_groups(model, b.name) if b.stage in stages else []:
+            prod = adapter.mid_producers(model, key)
+            assert prod is not None, f"{key} has no mid producers"
+            c = prod[0].out_channels
+            k = round_keep(c, fraction(mid_keep, b.stage, "slice.mid_keep"), round_to)
+            if k < c:
+                groups.append(Group("mid", key, [prod], prod[1], k))
     return groups
+
+
+def mid_block(model: nn.Module, key: str) -> str:
+    """The block a mid group belongs to: the block named ``key``, or the block whose module
+    holds the layer ``key`` (the generic adapter keys a group by its producing conv)."""
+    for b in get_adapter(model).blocks(model):
+        if key == b.name or key.startswith(b.name + "."):
+            return b.name
+    raise ValueError(f"{key} is not a mid group of a block of this model")
 
 
 def plan_slice(
@@ -180,7 +189,7 @@ class ChannelDecay(nn.Module):
         for block, keep in plan.mid.items():
             prod = adapter.mid_producers(model, block)
             assert prod is not None, f"{block} has no mid channels"
-            targets += [(bn, keep) for bn in _mid_bns(model, block, prod[1])]
+            targets += [(bn, keep) for bn in _mid_bns(model, mid_block(model, block), prod[1])]
         self._handles = [bn.register_forward_hook(self._hook(bn, keep)) for bn, keep in targets]
         self.feature_keep = head_keep(model, plan)
 

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from m2mdc.arch import model_id
 from m2mdc.artifacts import load_checkpoint, read_json
 from m2mdc.config import IMAGE_TREES, to_plain
 from m2mdc.data.datasets import (
@@ -88,6 +89,7 @@ OPTIM_NEUTRAL: dict[str, Any] = {
 # ("budget": the whole section is neutral while budget.macs is null.)
 NEUTRAL: dict[str, Any] = {
     "dataset.val_fraction": 0.0,
+    "model.source": "m2mdc",
     "select": "last",
     "budget.macs": None,
     "slice.schedule": "progressive",
@@ -249,7 +251,7 @@ class Context:
             model, _ = load_checkpoint(path)
         else:
             model, _ = load_checkpoint(
-                path, expect_model=self.cfg.model.name, expect_classes=self.num_classes
+                path, expect_model=model_id(self.cfg.model), expect_classes=self.num_classes
             )
         return model.to(self.device).eval()
 

@@ -1,7 +1,8 @@
 """Settings that name the model or parts of it, checked against the model's structure up front.
 
-``model.name`` must be a model of the adapter registry (:data:`m2mdc.arch.adapters.ADAPTERS`),
-and ``model.pretrained=true`` needs a model with ImageNet weights (:func:`check_model`).
+``model.name`` must be a model of the adapter registry (:data:`m2mdc.arch.adapters.ADAPTERS`)
+or, with ``model.source=torchvision|timm``, a residual model of that library, and
+``model.pretrained=true`` needs a model with ImageNet weights (:func:`check_model`).
 ``prune.keep_cfg`` names stages and block indices, ``slice.planes_keep`` / ``slice.mid_keep``
 may map stages to fractions. Before any stage runs (and before Hydra creates a run
 directory), :func:`check_model_parts` checks them against the structure of ``model.name``,
@@ -65,15 +66,28 @@ def check_model(cfg: Any) -> None:
     """Refuse a ``model.name`` that no adapter builds (M2MError listing the registry's models),
     and ``model.pretrained=true`` without ``model.weights`` on a model that has no ImageNet
     weights (the adapter's own one-line refusal)."""
-    from m2mdc.arch import ADAPTERS
+    from m2mdc.arch import ADAPTERS, SOURCES, get_adapter, model_id
 
-    name = cfg.model.name
-    if name not in ADAPTERS:
+    source, name = cfg.model.get("source") or "m2mdc", cfg.model.name
+    if source not in SOURCES:
+        raise M2MError(f"model.source={source!r} is not valid; choose one of: {', '.join(SOURCES)}")
+    if source == "m2mdc" and name not in ADAPTERS:
         raise M2MError(
-            f"model.name={name!r} is not valid; choose one of: {', '.join(ADAPTERS.names())}"
+            f"model.name={name!r} is not valid; choose one of: {', '.join(ADAPTERS.names())} "
+            "(or model=auto model.source=torchvision|timm for any residual CNN of those)"
         )
+    adapter = get_adapter(model_id(cfg.model))  # generic: the library's name and the structure
     if cfg.model.get("pretrained") and not cfg.model.get("weights"):
-        ADAPTERS.get(name).imagenet_weights(name)
+        adapter.imagenet_weights(model_id(cfg.model))
+    policy = cfg.get("slice", {}).get("name", "none")
+    model = reference_model(model_id(cfg.model))
+    if policy != "none" and not any(
+        sliced_stages(adapter, model, key, True) for key in ("planes_keep", "mid_keep")
+    ):
+        raise M2MError(
+            f"slice={policy}: {name} has no channel group m2mdc can slice (it needs Conv2d + "
+            "BatchNorm2d producers and no grouped convs); set slice=none"
+        )
 
 
 def check_model_parts(cfg: Any) -> None:
@@ -90,10 +104,10 @@ def check_model_parts(cfg: Any) -> None:
             raise M2MError(f"budget.macs and slice.{key} both choose the keep fractions; give one")
     if not keep_cfg and not mappings:
         return
-    from m2mdc.arch import get_adapter
+    from m2mdc.arch import get_adapter, model_id
     from m2mdc.pruning import parse_keep_cfg
 
-    name = str(cfg.model.name)
+    name = model_id(cfg.model)
     model, adapter = reference_model(name), get_adapter(name)
     if keep_cfg:  # the adapter's own checks: protected, emptied, unknown stages, bad indices
         adapter.keep(model, parse_keep_cfg(keep_cfg))
@@ -110,7 +124,7 @@ def sliced_stages(
     slice stage visits, and for ``mid_keep`` only those with a block that has mid channels."""
     stages = adapter.plane_stages(model, include_first=include_first)
     if key.endswith("mid_keep"):
-        has_mid = {b.stage for b in adapter.blocks(model) if adapter.mid_producers(model, b.name)}
+        has_mid = {b.stage for b in adapter.blocks(model) if adapter.mid_groups(model, b.name)}
         stages = [s for s in stages if s in has_mid]
     return stages
 

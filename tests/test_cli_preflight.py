@@ -116,7 +116,8 @@ def refused(monkeypatch, tmp_path, capsys):
         (
             ["model.name=resnet19"],
             "model.name='resnet19' is not valid; choose one of: mobilenet_v2, resnet110, "
-            "resnet18, resnet20, resnet32, resnet34, resnet56",
+            "resnet18, resnet20, resnet32, resnet34, resnet56 (or model=auto "
+            "model.source=torchvision|timm for any residual CNN of those)",
         ),
         (
             ["budget.macs=0.3", "prune.keep_cfg={layer3:[0]}"],

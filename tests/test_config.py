@@ -63,7 +63,7 @@ def test_out_of_range_values_name_key_and_allowed_range(compose_cfg, override, e
         (["prune.ration=0.4"], "unknown setting 'prune.ration' (did you mean 'prune.ratio'?)"),
         (
             ["model=resnet19"],
-            "model=resnet19 is not a valid choice; choose one of: mobilenet_v2, resnet110, "
+            "model=resnet19 is not a valid choice; choose one of: auto, mobilenet_v2, resnet110, "
             "resnet18, resnet20, resnet32, resnet34, resnet56",
         ),
         (

@@ -1,5 +1,5 @@
-"""Architecture adapters (ResNet-18/34, the CIFAR ResNets, MobileNetV2), tensor surgery and
-model creation.
+"""Architecture adapters (ResNet-18/34, the CIFAR ResNets, MobileNetV2, and the generic adapter
+of any residual torchvision / timm CNN), tensor surgery and model creation.
 
 Example:
     >>> from m2mdc.arch import get_adapter
@@ -12,21 +12,25 @@ Example:
 
 from __future__ import annotations
 
-from m2mdc.arch.adapters import ADAPTERS, get_adapter
+from m2mdc.arch.adapters import ADAPTERS, SOURCES, get_adapter, model_id
 from m2mdc.arch.base import AdapterBase, ArchAdapter, BlockRef, KeepCfg, SlicePlan
+from m2mdc.arch.generic import GenericAdapter
 from m2mdc.arch.mobilenet import MobileNetV2Adapter
 from m2mdc.arch.resnet import ResNetAdapter
 from m2mdc.arch.zoo import create_model
 
 __all__ = [
     "ADAPTERS",
+    "SOURCES",
     "AdapterBase",
     "ArchAdapter",
     "BlockRef",
+    "GenericAdapter",
     "KeepCfg",
     "MobileNetV2Adapter",
     "ResNetAdapter",
     "SlicePlan",
     "create_model",
     "get_adapter",
+    "model_id",
 ]

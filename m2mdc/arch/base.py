@@ -61,8 +61,9 @@ class SlicePlan:
     Attributes:
         planes: stage -> kept plane channels (ResNet: conv2 out of every block, the downsample
             out, the next stage's inputs; MobileNetV2: the group's projection outputs).
-        mid: block name -> kept mid channels (ResNet: conv1 out / bn1 / conv2 in;
-            MobileNetV2: the hidden expansion channels).
+        mid: mid-group key -> kept mid channels (ResNet: conv1 out / bn1 / conv2 in;
+            MobileNetV2: the hidden expansion channels; the key is the block name, or for the
+            generic adapter the path of the conv producing the group, see ``mid_groups``).
     """
 
     planes: dict[str, list[int]] = field(default_factory=dict)
@@ -145,7 +146,13 @@ class ArchAdapter(Protocol):
     def mid_producers(
         self, model: nn.Module, block_name: str
     ) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
-        """The conv/BN pair producing a block's mid channels; None when not mid-sliceable."""
+        """The conv/BN pair producing a mid group's channels (``block_name``: a key of
+        :meth:`mid_groups`); None when not mid-sliceable."""
+        ...
+
+    def mid_groups(self, model: nn.Module, block_name: str) -> list[str]:
+        """The keys of a block's mid channel groups (``SlicePlan.mid``, ``widths()["mid"]``):
+        the block name itself for one group per block, none when not mid-sliceable."""
         ...
 
     def stage_output(self, model: nn.Module, stage: str) -> nn.Module:
@@ -208,6 +215,10 @@ class AdapterBase:
     def _slice_inplace(self, model: nn.Module, plan: SlicePlan) -> None:
         raise NotImplementedError
 
+    def _classifier_key(self, name: str) -> str:
+        """state_dict prefix of model ``name``'s classifier Linear."""
+        return self.classifier_key
+
     def _orig_label(self, stage: str, orig_index: int) -> str:
         """How an error message names block ``orig_index`` of ``stage`` in teacher numbering."""
         return f"{stage}[{orig_index}]"
@@ -254,7 +265,7 @@ class AdapterBase:
             model = self._torchvision(name, num_classes)
         else:
             state = weights if isinstance(weights, Mapping) else fetch_state_dict(name, weights)
-            head = state.get(f"{self.classifier_key}.weight")
+            head = state.get(f"{self._classifier_key(name)}.weight")
             if isinstance(head, torch.Tensor) and head.ndim == 2 and head.shape[0] == num_classes:
                 model = self._torchvision(name, num_classes)
                 load_state_dict_strict(model, state, source, name)
@@ -265,6 +276,7 @@ class AdapterBase:
                 old = self.classifier(model)
                 self._set_classifier(model, _fresh_linear(old, num_classes))
         model.m2mdc_arch = {  # type: ignore[assignment]
+            **getattr(model, "m2mdc_arch", {}),
             "family": self.family,
             "name": name,
             "num_classes": num_classes,
@@ -307,6 +319,14 @@ class AdapterBase:
 
     def stage_output(self, model: nn.Module, stage: str) -> nn.Module:
         return self._stage_blocks(model, stage)[-1]
+
+    def mid_producers(
+        self, model: nn.Module, block_name: str
+    ) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+        raise NotImplementedError
+
+    def mid_groups(self, model: nn.Module, block_name: str) -> list[str]:
+        return [block_name] if self.mid_producers(model, block_name) is not None else []
 
     def keep(self, model: nn.Module, keep_cfg: KeepCfg) -> nn.Module:
         new = copy.deepcopy(model)

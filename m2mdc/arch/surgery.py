@@ -198,6 +198,8 @@ def resize_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list
     The resized modules are new and uninitialised in value (built on the meta device, then
     materialised empty): the caller loads ``state`` into the model next, strictly. Depthwise
     convs stay depthwise (groups follow the channel count); other convs keep their groups.
+    LayerNorms (subclasses included) keep their class and take the new shape; any other
+    parameter of another shape (a block's own layer scale) becomes an empty tensor of it.
 
     Returns:
         The names of the modules that were replaced.
@@ -240,10 +242,26 @@ def resize_to_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list
                 bias=module.bias is not None,
                 device="meta",
             )
+        elif isinstance(module, nn.LayerNorm):  # its subclass too (ConvNeXt's LayerNorm2d)
+            module.normalized_shape = tuple(int(d) for d in weight.shape)
+            replaced.append(name)
+            continue
         else:
             continue
         new = new.to_empty(device=own.device)
         new.train(module.training)
         model.set_submodule(name, new)
         replaced.append(name)
+    _resize_parameters(model, state)
     return replaced
+
+
+def _resize_parameters(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give every parameter whose shape differs from ``state``'s (a LayerNorm's, a layer scale
+    held by its block) an empty tensor of that shape, for the strict load that follows."""
+    for key, param in list(model.named_parameters()):
+        want = state.get(key)
+        if isinstance(want, torch.Tensor) and want.shape != param.shape:
+            owner, _, leaf = key.rpartition(".")
+            empty = torch.empty(want.shape, dtype=param.dtype, device=param.device)
+            setattr(model.get_submodule(owner), leaf, nn.Parameter(empty, param.requires_grad))

@@ -81,6 +81,12 @@ def trainable_prefixes(model: nn.Module, unfreeze: str) -> tuple[str, ...]:
     if unfreeze == "all":
         return ()
     family = model.m2mdc_arch["family"]  # type: ignore[index]
+    if family == "generic":  # the parameters from the first of the last third of the blocks on
+        blocks = [b.name for b in get_adapter(model).blocks(model)]
+        head = blocks[len(blocks) - round(len(blocks) / 3)]
+        names = [n for n, _ in model.named_parameters()]
+        start = next(i for i, n in enumerate(names) if n.startswith(head + "."))
+        return tuple(names[start:])
     if family == "resnet":  # ResNet-18/34: layer3, layer4; the CIFAR ResNets (3 stages): layer3
         return ("layer3.", "layer4.", "fc.")
     n = len(model.features)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from m2mdc.arch import model_id
 from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.errors import M2MError
@@ -48,14 +49,14 @@ def initial_teacher(ctx: Context) -> Initial:
         obj = safe_torch_load(path)
         if isinstance(obj, dict) and "arch" in obj:
             model, _ = load_checkpoint(
-                path, expect_model=cfg.model.name, expect_classes=ctx.num_classes
+                path, expect_model=model_id(cfg.model), expect_classes=ctx.num_classes
             )
             return Initial(model, setting, setting, finished=True)
         # a plain torchvision state_dict: used as it is if its head fits the dataset
-        model, head = create_model_and_head(cfg.model.name, ctx.num_classes, weights_path=path)
+        model, head = create_model_and_head(model_id(cfg.model), ctx.num_classes, weights_path=path)
         return Initial(model, setting, setting, finished=head is None, new_head=head)
     model, head = create_model_and_head(
-        cfg.model.name,
+        model_id(cfg.model),
         ctx.num_classes,
         pretrained=cfg.model.pretrained,
         weights_path=cfg.model.weights,
@@ -118,7 +119,9 @@ def run(ctx: Context) -> dict[str, Any]:
         if start.new_head is not None
         else f", {plural(epochs, 'epoch')}"
     )
-    log.info(f"teacher: {cfg.model.name} from {source}, {trainable:,} trainable parameters{head}")
+    log.info(
+        f"teacher: {model_id(cfg.model)} from {source}, {trainable:,} trainable parameters{head}"
+    )
 
     spec = TrainSpec.of(
         cfg,

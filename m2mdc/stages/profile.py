@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from m2mdc.arch import get_adapter
+from m2mdc.arch import get_adapter, model_id
 from m2mdc.arch.zoo import create_model
 from m2mdc.artifacts import atomic_write_json, load_checkpoint
 from m2mdc.profiling import batch_schedule, count_macs, count_params, measure_latencies
@@ -104,11 +104,11 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         mode = "architecture"
         classes = int(cfg.dataset.num_classes or ctx.num_classes)
-        base = create_model(cfg.model.name, classes).to(ctx.device)
-        models[cfg.model.name] = base
+        base = create_model(model_id(cfg.model), classes).to(ctx.device)
+        models[model_id(cfg.model)] = base
         if cfg.prune.keep_cfg:
             keep = parse_keep_cfg(cfg.prune.keep_cfg)
-            models["keep_cfg"] = get_adapter(cfg.model.name).keep(base, keep)
+            models["keep_cfg"] = get_adapter(model_id(cfg.model)).keep(base, keep)
     rows = {}
     with torch.inference_mode():
         for name, model in models.items():
@@ -157,6 +157,7 @@ register_stage(
             "profile",
             "checkpoint",
             "model.name",
+            "model.source",
             "dataset.num_classes",
             "dataset.image_size",
             "prune.keep_cfg",

@@ -30,6 +30,7 @@ from m2mdc.slicing import (
     Group,
     SelectFn,
     head_keep,
+    mid_block,
     plan_slice,
     slice_fractions,
     slice_groups,
@@ -272,7 +273,7 @@ def _step(
     if not plan.planes and not plan.mid:
         return None
     stage_of = {b.name: b.stage for b in get_adapter(student).blocks(student)}
-    cut_stages = set(plan.planes) | {stage_of[b] for b in plan.mid}
+    cut_stages = set(plan.planes) | {stage_of[mid_block(student, k)] for k in plan.mid}
     cut = [g for g in group if g in cut_stages]  # a step repairs repair_epochs per stage
     stage, epochs = "+".join(cut), int(sc.repair_epochs) * len(cut)
     head = head_keep(student, plan)  # the classifier's kept inputs, when the cut narrows it

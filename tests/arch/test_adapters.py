@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from m2mdc.arch import ADAPTERS, BlockRef, SlicePlan, get_adapter
+from m2mdc.arch import ADAPTERS, SOURCES, BlockRef, SlicePlan, get_adapter
 from m2mdc.errors import M2MError
 from m2mdc.hydra_args import conf_dir
 
@@ -46,10 +46,13 @@ def test_registry_and_get_adapter(teachers):
 
 
 def test_every_registered_model_has_its_config_group_option():
-    """``model=NAME`` (conf/model/NAME.yaml) exists for exactly the registry's models."""
+    """``model=NAME`` (conf/model/NAME.yaml) exists for exactly the registry's models, plus
+    ``model=auto``: a library of the generic adapter, the model name left to the user."""
     files = sorted((conf_dir() / "model").glob("*.yaml"))
-    assert [f.stem for f in files] == MODELS
-    assert all(yaml.safe_load(f.read_text())["name"] == f.stem for f in files)
+    assert [f.stem for f in files if f.stem != "auto"] == MODELS
+    assert all(yaml.safe_load(f.read_text())["name"] == f.stem for f in files if f.stem != "auto")
+    auto = yaml.safe_load((conf_dir() / "model" / "auto.yaml").read_text())
+    assert auto == {"source": "torchvision", "name": "???"} and auto["source"] in SOURCES
 
 
 def test_resnet18_blocks_and_protection(teachers):
