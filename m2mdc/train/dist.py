@@ -51,17 +51,31 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
 
 
-def init(device: str) -> None:
-    """Join the process group of a launched run (nccl on CUDA, gloo on the CPU); each rank
-    takes the CUDA device of its local rank. A no-op in one process or once joined."""
+def init() -> None:
+    """Join the process group of a launched run: gloo for CPU tensors, and nccl for CUDA
+    tensors where there is CUDA (each rank on the device of its local rank). A no-op in one
+    process or once joined."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return
     if not dist.is_available():
-        raise M2MError("torchrun started several ranks but this torch has no torch.distributed")
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+        raise M2MError("several ranks were started but this torch has no torch.distributed")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def shared_run_dir(overrides: list[str], default: str) -> list[str]:
+    """``overrides`` with a ``hydra.run.dir`` every rank shares: Hydra's default names the
+    directory by each process's own clock, so rank 0's time is given to all (``default``: the
+    directory pattern with ``{now}`` for that time). Unchanged when one is given."""
+    if not active() or any(o.startswith("hydra.run.dir=") for o in overrides):
+        return overrides
+    from datetime import datetime
+
+    now = broadcast_object(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    return [*overrides, "hydra.run.dir=" + default.replace("{now}", now)]
 
 
 def active() -> bool:

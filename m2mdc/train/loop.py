@@ -902,7 +902,8 @@ class _Objective(nn.Module):
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, epoch: int
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        return self._loss_fn(self._fwd, x, y, epoch)
+        loss_fn: LossFn = self.__dict__["_loss_fn"]
+        return loss_fn(self.__dict__["_fwd"], x, y, epoch)
 
 
 def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
