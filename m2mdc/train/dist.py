@@ -157,15 +157,20 @@ def wrap(module: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
-class _SyncBN(nn.SyncBatchNorm):
+class _SyncBN(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm that also synchronises on the CPU (gloo), where PyTorch's kernel refuses
     to: there the global batch mean and variance come from differentiable all-reduces of the
     per-rank sums (:func:`torch.distributed.nn.functional.all_reduce`), so the backward pass
-    is synchronised too. On CUDA, PyTorch's own kernel."""
+    is synchronised too. On CUDA, PyTorch's own kernel (:class:`torch.nn.SyncBatchNorm`'s
+    forward; not its class, which DDP refuses on the CPU)."""
+
+    process_group: Any = None
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()) or input.device.type == "cuda":
-            return super().forward(input)
+            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
         from torch.distributed.nn.functional import all_reduce
 
         dims = [d for d in range(input.dim()) if d != 1]
@@ -205,7 +210,7 @@ def sync_batchnorm(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                child, nn.SyncBatchNorm
+                child, _SyncBN
             ):
                 sync = _SyncBN(child.num_features, child.eps, child.momentum, child.affine)
                 sync._parameters, sync._buffers = child._parameters, child._buffers
