@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2mdc.data.loader import Batches
+from m2mdc.errors import M2MError
 from m2mdc.train import dist
-from m2mdc.train.loop import TrainSpec, evaluate, fit, recalibrate_bn
+from m2mdc.train.loop import TrainSpec, check_shares, evaluate, fit, recalibrate_bn
 from m2mdc.train.optim import Optim
 
 N, BATCH = 40, 15  # global batches of 15, 15, 10: shares of 8 and 7 (uneven), then 5 and 5
@@ -99,6 +100,38 @@ def test_shards_of_a_batch_are_the_global_batch_split_evenly():
             assert max(sizes) - min(sizes) <= 1
             assert torch.equal(torch.cat([p[1] for p in parts]), y)
             assert torch.allclose(torch.cat([p[0] for p in parts]), x, atol=1e-6)
+
+
+def test_a_last_batch_smaller_than_the_world_is_refused_naming_the_settings():
+    data = SimpleNamespace(
+        images=torch.zeros(33, 3, 8, 8, dtype=torch.uint8), labels=torch.zeros(33)
+    )
+    check_shares(Batches(data, 32, 8), 1, "teacher")  # one process: any last batch
+    check_shares(Batches(data, 16, 8), 1, "teacher")
+    with pytest.raises(M2MError, match=r"teacher: the last batch .* holds 1 of 33 .* 2 ranks"):
+        check_shares(Batches(data, 32, 8), 2, "teacher")
+    check_shares(Batches(data, 31, 8), 2, "teacher")  # 31 + 2
+
+
+def test_a_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "m2mdc",
+        "run",
+        "-m",
+        "seed=1,2",
+        f"hydra.sweep.dir={tmp_path / 'sw'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "m2mdc: error: -m under torchrun: torchrun runs one job on several ranks; run the jobs "
+        "of a sweep one after another, or through the submitit launcher (hydra/launcher="
+        "submitit_slurm with hydra.launcher.tasks_per_node)"
+    ]
+    assert not (tmp_path / "sw").exists()
 
 
 def _rank(rank: int, port: int, out: Path, sync_bn: bool) -> None:

@@ -647,15 +647,8 @@ class _Run:
     def _data_parallel(self) -> nn.Module:
         """This rank's share of the training batches, and the loss as one DDP module (every
         trained module inside it, so DDP averages all their gradients)."""
-        world, n = dist.world(), self.train.num_examples
-        last = self.train.global_batch(len(self.train) - 1)
-        if last < world:
-            raise M2MError(
-                f"{self.spec.desc}: the last batch of an epoch holds {last} of {n} training "
-                f"examples, fewer than the {world} ranks (each needs at least one); choose a "
-                "dataset.batch_size or a training-set size (dataset.limit_train) that leaves "
-                f"at least {world} in the last batch"
-            )
+        world = dist.world()
+        check_shares(self.train, world, self.spec.desc)
         self.train = self.train.shard(dist.rank(), world)
         return dist.wrap(_Objective(self.model, self.extra, self.loss_fn, self.fwd))
 
@@ -880,6 +873,19 @@ class _Run:
         log.info(
             f"{self.spec.desc}: kept epoch {result.selected} (best validation top1 "
             f"{best['val_top1']:.2f}%) of {len(result.history)}"
+        )
+
+
+def check_shares(train: Batches, world: int, desc: str) -> None:
+    """Refuse training batches that leave a rank without examples: the last (smallest) batch
+    of an epoch must hold at least one example per rank."""
+    last = train.global_batch(len(train) - 1)
+    if last < world:
+        raise M2MError(
+            f"{desc}: the last batch of an epoch holds {last} of {train.num_examples} training "
+            f"examples, fewer than the {world} ranks (each needs at least one); choose a "
+            "dataset.batch_size or a training-set size (dataset.limit_train) that leaves "
+            f"at least {world} in the last batch"
         )
 
 
