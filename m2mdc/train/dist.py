@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,6 +27,11 @@ from torch import nn
 from m2mdc.errors import M2MError
 
 _solo = False  # inside solo(): rank 0 runs alone, collectives are off
+
+WAIT = timedelta(hours=12)
+"""How long a collective may wait: the other ranks wait for the stages rank 0 runs alone (block
+scoring, profiling) at one, longer than PyTorch's default timeout (10 minutes on NCCL). A rank
+that dies is noticed by torchrun, which stops the others, not by this timeout."""
 
 
 def _from_submitit() -> None:
@@ -61,9 +67,9 @@ def init() -> None:
         raise M2MError("several ranks were started but this torch has no torch.distributed")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=WAIT)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=WAIT)
 
 
 def shared_run_dir(overrides: list[str], default: str) -> list[str]:
