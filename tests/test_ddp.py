@@ -134,14 +134,29 @@ def test_a_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "sw").exists()
 
 
-def _rank(rank: int, port: int, out: Path, sync_bn: bool) -> None:
+def _rank(rank: int, port: int, out: Path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
     )
     dist.init()
-    res = _train(out, sync_bn)
-    (out / f"rank{rank}.json").write_text(json.dumps(res))
+    for sync_bn in (True, False):
+        res = _train(out / f"sync{sync_bn}", sync_bn)
+        (out / f"sync{sync_bn}" / f"rank{rank}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Both trainings of :func:`_train` (with and without SyncBatchNorm) on 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("ranks")
+    for sync_bn in (True, False):
+        (out / f"sync{sync_bn}").mkdir()
+    mp.spawn(_rank, args=(_free_port(), out), nprocs=2)
+    return out
+
+
+def _ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def _close(a, b, rel: float, path: str = "") -> None:
@@ -157,22 +172,20 @@ def _close(a, b, rel: float, path: str = "") -> None:
         assert a == pytest.approx(b, rel=rel, abs=rel), path
 
 
-def test_two_ranks_train_evaluate_and_recalibrate_like_one_process(tmp_path):
+def test_two_ranks_train_evaluate_and_recalibrate_like_one_process(two_ranks, tmp_path):
     """With SyncBatchNorm, 2 gloo ranks over an uneven split of every global batch give one
     process's history, weights (the extra module's too), evaluation and recalibration."""
     single = _train(tmp_path, sync_bn=True)
-    mp.spawn(_rank, args=(_free_port(), tmp_path, True), nprocs=2)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ranks(two_ranks / "syncTrue")
     assert ranks[0] == ranks[1]  # every rank holds the same model and numbers
     _close(ranks[0], single, 1e-5)
     assert [r["epoch"] for r in single["history"]] == [1, 2]
 
 
-def test_without_sync_bn_ranks_still_agree_on_recalibrated_statistics(tmp_path):
+def test_without_sync_bn_ranks_still_agree_on_recalibrated_statistics(two_ranks, tmp_path):
     """Per-rank BatchNorm statistics in training (not the single process's), but the ranks
     still end identical: rank 0's buffers reach everyone, its recalibration is broadcast."""
-    mp.spawn(_rank, args=(_free_port(), tmp_path, False), nprocs=2)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = _ranks(two_ranks / "syncFalse")
     assert ranks[0]["stats"] == ranks[1]["stats"]
     assert ranks[0]["eval_recal"] == ranks[1]["eval_recal"]
     single = _train(tmp_path, sync_bn=False)
@@ -205,11 +218,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
-def _torchrun(run_dir: Path, *extra: str) -> list[str]:
+def _torchrun(run_dir: Path, command: str = "run") -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "m2mdc", "run", *TINY, f"cache_dir={run_dir.parent / 'cache'}",
-        f"hydra.run.dir={run_dir}", *extra,
+        "-m", "m2mdc", command, *TINY, f"cache_dir={run_dir.parent / 'cache'}",
+        f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
 
 
@@ -263,9 +276,9 @@ def test_torchrun_run_equals_one_process_with_the_same_global_batch(ddp_run, tmp
             for split, n in (("train", 64), ("test", 32)):
                 assert r[f"{split}_loss"] == pytest.approx(q[f"{split}_loss"], rel=3e-3), stage
                 assert r[f"{split}_top1"] == pytest.approx(q[f"{split}_top1"], abs=100 / n + 1e-9)
-    assert json.loads((ddp_run / "prune" / "plan.json").read_text()) == json.loads(
-        (single / "prune" / "plan.json").read_text()
-    )
+    for stage, key in (("prune", "keep_cfg"), ("slice", "widths")):  # the same decisions
+        plans = [json.loads((d / stage / "plan.json").read_text())[key] for d in (ddp_run, single)]
+        assert plans[0] == plans[1], stage
     # rank 0 alone wrote the run directory: one log, each stage logged once
     log = (ddp_run / "m2mdc.log").read_text()
     assert log.count("[teacher] running") == 1 and log.count("[slice] done") == 1
@@ -287,9 +300,12 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_kill_9_of_one_rank_then_rerun_resumes_to_the_same_metrics(ddp_run, tmp_path):
-    run_dir = tmp_path / "run"
+    """The teacher's training (the run's first stage, the same settings) killed after its
+    first epoch; the same command again continues from rank 0's state to the teacher of the
+    uninterrupted run."""
+    run_dir, cmd = tmp_path / "run", _torchrun(tmp_path / "run", "finetune-teacher")
     launcher = subprocess.Popen(
-        _torchrun(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
     state = run_dir / "teacher" / "state.pt"
     deadline = time.monotonic() + 300
@@ -301,7 +317,7 @@ def test_kill_9_of_one_rank_then_rerun_resumes_to_the_same_metrics(ddp_run, tmp_
     assert launcher.wait(timeout=120) != 0  # torchrun stops the other rank and fails
     assert not (run_dir / "teacher" / "done.json").is_file()
 
-    _ok(subprocess.run(_torchrun(run_dir), capture_output=True, text=True, env=_env(), timeout=600))
-    assert _metrics(run_dir, "teacher")["resumed_from_epoch"] == 1
-    for stage in TRAINED:
-        _close(_numbers(_metrics(run_dir, stage)), _numbers(_metrics(ddp_run, stage)), 1e-6)
+    _ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600))
+    teacher = _metrics(run_dir, "teacher")
+    assert teacher["resumed_from_epoch"] == 1
+    _close(_numbers(teacher), _numbers(_metrics(ddp_run, "teacher")), 1e-6)
