@@ -100,12 +100,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(f in _INFO_FLAGS for f in flags):
             multirun = any(f in ("-m", "--multirun") for f in flags)
             compose_jobs(overrides, multirun=multirun, command=command)
+            rest = _data_parallel(rest, multirun)
     except M2MError as exc:
         print(error_line(exc), file=sys.stderr)
         return exc.exit_code
     from m2mdc.pipeline import hydra_main
 
     return hydra_main(command, rest)
+
+
+# hydra.run.dir of conf/config.yaml, with {now} for the time
+RUN_DIR = "outputs/runs/${experiment_name}/{now}"
+
+
+def _data_parallel(args: list[str], multirun: bool) -> list[str]:
+    """Under torchrun: join the process group, and one run directory for every rank."""
+    from m2mdc.train import dist
+
+    if not dist.launched():
+        return args
+    if multirun:
+        raise M2MError(
+            "-m under torchrun: torchrun runs one job on several ranks; run the jobs of a "
+            "sweep one after another, or through the submitit launcher (hydra/launcher="
+            "submitit_slurm with hydra.launcher.tasks_per_node)"
+        )
+    dist.init()
+    return dist.shared_run_dir(args, RUN_DIR)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,8 @@ class PerfConfig:
     amp: str = _f("none", choices=("none", "bf16", "fp16"))  # bf16: CUDA or CPU; fp16: CUDA
     compile: bool = False  # torch.compile the forward passes of training and evaluation
     fused_adam: bool = True  # Adam's fused kernel: faster; false = the per-parameter loop
+    # under torchrun: BatchNorm statistics of the global batch (training and recalibration)
+    sync_bn: bool = False
     # torch's intra-op threads per job; null: the cores divided among the jobs run at once
     threads: int | None = _f(None, gt=0)
 

@@ -8,11 +8,13 @@ different configuration are never overwritten silently (``force=true`` replaces 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from m2mdc.rows import STUDENT_ROWS
 from m2mdc.rundir import get_path, set_path
 from m2mdc.stage import STAGES, Context, Stage
 from m2mdc.structure import validate_all
+from m2mdc.train import dist
 from m2mdc.train.loop import seed_everything
 from m2mdc.train.perf import available_cores, intra_op_threads
 from m2mdc.ui import log
@@ -93,11 +96,27 @@ def preflight(ctx: Context, names: Sequence[str]) -> None:
 
 
 def execute(ctx: Context, name: str) -> dict[str, Any]:
-    """Run one stage (or skip it when its outputs exist for this configuration)."""
+    """Run one stage (or skip it when its outputs exist for this configuration).
+
+    Data-parallel (:mod:`m2mdc.train.dist`): rank 0 decides, reads and writes the run
+    directory and the cache; a training stage (``Stage.trains``) runs on every rank, any other
+    on rank 0 alone while the others wait; every rank leaves with the same metrics."""
     st = STAGES[name]
     _check_inputs(ctx, st)
+    action = dist.broadcast_object(_check_outputs(ctx, name))
+    if dist.is_main():
+        metrics = _execute(ctx, st, action)
+    else:
+        if st.trains and action != "skip" and st.cacheable and ctx.cfg.use_cache:
+            action = dist.broadcast_object(None)  # rank 0's: "skip" when the cache has it
+        metrics = _run_stage(ctx, st) if st.trains and action != "skip" else {}
+    return dist.broadcast_object(metrics)  # also: rank 0's outputs are on disk now
+
+
+def _execute(ctx: Context, st: Stage, action: str) -> dict[str, Any]:
+    """:func:`execute` on rank 0 (or in one process)."""
+    name = st.name
     done = ctx.run_dir / name / "done.json"
-    action = _check_outputs(ctx, name)
     if action == "skip":
         log.info(
             f"[{name}] skipped: outputs in {done.parent} match this configuration "
@@ -114,7 +133,10 @@ def execute(ctx: Context, name: str) -> dict[str, Any]:
     if st.cacheable and ctx.cfg.use_cache:
         key = hashlib.sha256(f"{fp}:{__version__}".encode()).hexdigest()
         with cache.locked(ctx.cache_dir, name, key):  # racing jobs: one computes, others reuse
-            if cache.fetch(ctx.cache_dir, name, key, ctx.stage_dir(name)) and not ctx.cfg.force:
+            hit = cache.fetch(ctx.cache_dir, name, key, ctx.stage_dir(name)) and not ctx.cfg.force
+            if st.trains:  # the other ranks train with rank 0 unless it found the outputs
+                dist.broadcast_object("skip" if hit else action)
+            if hit:
                 cached_from = str(cache.entry_dir(ctx.cache_dir, name, key))
                 log.info(f"[{name}] reused from cache {cached_from}")
                 metrics = read_json(ctx.run_dir / name / "metrics.json")
@@ -180,7 +202,10 @@ _MISSING = object()
 def _run_stage(ctx: Context, st: Stage) -> dict[str, Any]:
     log.info(f"[{st.name}] running")
     seed_everything(int(ctx.cfg.seed))
-    return st.run(ctx)
+    if st.trains:
+        return st.run(ctx)
+    with dist.solo():  # data-parallel: rank 0 alone (the others wait in execute)
+        return st.run(ctx)
 
 
 PIPELINE = (
@@ -239,27 +264,54 @@ def run_command(
     names = plan(command, cfg)
     ui.configure(progress_every_s=float(cfg.ui.progress_every_s))
     tracking.require(cfg.logger)
-    with rundir.locked(run_dir):
+    main = dist.is_main()
+    with rundir.locked(run_dir) if main else contextlib.nullcontext(), _quiet(not main):
         ctx = Context(cfg, run_dir)
         preflight(ctx, names)
         # after the checks: a refused command writes nothing, not even this log line
-        if concurrent_jobs is not None or cfg.perf.threads is not None:
-            apply_threads(cfg, concurrent_jobs or 1)
-        with tracking.session(
-            cfg, run_dir, command=command, sweep_dir=sweep_dir, overrides=overrides
+        if concurrent_jobs is not None or cfg.perf.threads is not None or dist.active():
+            apply_threads(cfg, (concurrent_jobs or 1) * dist.local_world_size())
+        with (
+            tracking.session(
+                cfg, run_dir, command=command, sweep_dir=sweep_dir, overrides=overrides
+            )
+            if main
+            else contextlib.nullcontext(tracking.current())
         ) as tracker:
             metrics: dict[str, Any] = {}
             for name in names:
                 metrics = execute(ctx, name)
-            if (run_dir / "teacher" / "done.json").is_file():
+            if main and (run_dir / "teacher" / "done.json").is_file():
                 record = recorded_config(ctx)
                 summary = write_summary(ctx, record)
                 record_stage(run_dir, "summary", cfg)
                 tracker.log_summary(summary["rows"], tracking.flatten(record))
                 if command == "run":
                     metrics = summary
-        rundir.write_record(run_dir, recorded_config(ctx), overrides)
-    return metrics
+        if main:
+            rundir.write_record(run_dir, recorded_config(ctx), overrides)
+    return dist.broadcast_object(metrics)
+
+
+@contextlib.contextmanager
+def _quiet(on: bool) -> Iterator[None]:
+    """Data-parallel ranks other than 0: warnings and errors only, on the console only (rank
+    0 logs the run, into the run directory's log file)."""
+    if not on:
+        yield
+        return
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    level = log.level
+    for h in files:
+        root.removeHandler(h)
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        for h in files:
+            root.addHandler(h)
 
 
 def objective(result: dict[str, Any], sweeper: Any) -> Any:
@@ -284,6 +336,7 @@ def _task(cfg: DictConfig) -> Any:
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         validate_all(cfg)
+        dist.init()  # a data-parallel job (torchrun, or SLURM tasks through submitit)
         overrides = list(hydra_cfg.overrides.task)
         jobs = _concurrent_jobs(hydra_cfg)
         result = run_command(cfg.command, cfg, run_dir, overrides, jobs, sweep_dir=sweep_dir)

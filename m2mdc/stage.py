@@ -51,6 +51,8 @@ class Stage:
             (optional stages, e.g. the ``compare=...`` baselines); None = always.
         derived: outputs are cheap measurements of what is in the run directory (profile):
             stale ones are recomputed instead of refused, e.g. when a new model appears.
+        trains: a training stage: under data-parallel training (:mod:`m2mdc.train.dist`) it
+            runs on every rank (rank 0 writes); any other stage runs on rank 0 alone.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Stage:
     # settings inside ``keys`` that do not change this stage's outputs (e.g. another stage's
     # settings in a shared section): left out of its fingerprint
     ignore: tuple[str, ...] = ()
+    trains: bool = False
 
     def is_enabled(self, cfg: DictConfig) -> bool:
         return self.enabled is None or self.enabled(cfg)

@@ -71,6 +71,7 @@ def test_schema_defaults_match_the_plain_path(compose_cfg) -> None:
         "compile": False,
         "fused_adam": True,
         "threads": None,  # the CLI divides the cores among concurrent jobs (tests/test_threads.py)
+        "sync_bn": False,  # data-parallel only (tests/test_ddp.py)
     }
     assert perf.resolve(cfg.perf, "cpu").is_default
     assert list(cfg.profile.batch_sizes) == [1, 64]

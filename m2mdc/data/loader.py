@@ -241,6 +241,27 @@ class Batches:
         self.seed = seed
         self.order = order
         self.overlay: Overlay | None = None
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> Batches:
+        """A copy (sharing the image tensors) that yields rank ``rank``'s share of every batch
+        of ``world`` ranks: the same global order, flips and crops, each global batch split
+        into ``world`` contiguous parts whose sizes differ by at most one (data-parallel
+        training, :mod:`m2mdc.train.dist`). ``shard(0, 1)`` is the whole batches again."""
+        new = copy.copy(self)
+        new.rank, new.world = rank, world
+        return new
+
+    def global_batch(self, step: int) -> int:
+        """The size of global batch ``step`` of an epoch (all ranks' shares together)."""
+        return min(self.batch_size, self.num_examples - step * self.batch_size)
+
+    def _share(self, start: int) -> slice:
+        """This rank's part of the global batch that starts at ``start``."""
+        end = min(start + self.batch_size, self.num_examples)
+        q, r = divmod(end - start, self.world)
+        lo = start + self.rank * q + min(self.rank, r)
+        return slice(lo, lo + q + (self.rank < r))
 
     def with_overlay(self, overlay: Overlay) -> Batches:
         """A copy (sharing the image tensors) that overlays ``overlay.maps`` on a seeded
@@ -285,10 +306,8 @@ class Batches:
         crops = aug.draw(self.augment, n, h, w, g) if self.train else None
         ov = self.overlay
         overlaid = (torch.rand(n, generator=g) < ov.prob).to(self.device) if ov else None
-        parts = [
-            slice(s, s + self.batch_size)
-            for s in range(start_batch * self.batch_size, n, self.batch_size)
-        ]
+        # this rank's share of each global batch (the whole batch in one process)
+        parts = [self._share(s) for s in range(start_batch * self.batch_size, n, self.batch_size)]
         stored = self._stored(idx, parts)
         idx = idx.to(self.device)
         buffers = OutputBuffers() if self.device.type == "cpu" else None  # freed with the epoch

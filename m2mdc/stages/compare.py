@@ -42,6 +42,7 @@ from m2mdc.distill.losses import terms_from_config
 from m2mdc.distill.repair import kd_repair
 from m2mdc.profiling import count_params
 from m2mdc.stage import Context, Stage, register_stage
+from m2mdc.train import dist
 from m2mdc.train.loop import TrainSpec, evaluate, fit, recalibrate_bn, reported_top1
 from m2mdc.ui import log, plural
 
@@ -105,7 +106,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_trained(out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)})
+    if dist.is_main():
+        save_trained(
+            out, model.cpu(), metrics, {"stage": NAME, "top1": final, "seed": int(cfg.seed)}
+        )
     log.info(
         f"{NAME}: {ctx.eval_split} top1 {start['top1']:.2f}% -> {final:.2f}% "
         f"after {plural(epochs, 'epoch')}"
@@ -120,6 +124,7 @@ register_stage(
         requires=("teacher", "slice"),
         keys=("teacher", "select"),
         run=run,
+        trains=True,
         enabled=lambda cfg: NAME in comparisons(cfg),
     )
 )
@@ -202,7 +207,7 @@ def train_peer(
     peer.to(ctx.device)
     test = ctx.eval_batches()
     top1_pruned = evaluate(peer, test, cfg.perf)["top1"]
-    recalibrate_bn(peer, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
+    recalibrate_bn(peer, ctx.train_batches(), int(cfg.prune.bn_recal_batches), perf=cfg.perf)
     top1_recal = evaluate(peer, test, cfg.perf)["top1"]
     budget = student_epochs(ctx)
     log.info(
@@ -251,7 +256,8 @@ def train_peer(
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_trained(out, peer, metrics, {"stage": name, "top1": final, "ratio": ratio})
+    if dist.is_main():
+        save_trained(out, peer, metrics, {"stage": name, "top1": final, "ratio": ratio})
     log.info(f"{name}: {ctx.eval_split} top1 {final:.2f}% after {plural(budget['total'], 'epoch')}")
     return metrics
 
@@ -277,6 +283,7 @@ register_stage(
         keys=PEER_KEYS,
         ignore=("peer.match", "peer.latency_tolerance", "peer.latency_repeats"),
         run=run_peer,
+        trains=True,
         enabled=_peer_enabled("macs"),
     )
 )
@@ -288,6 +295,7 @@ register_stage(
         keys=PEER_KEYS,
         ignore=("peer.match", "peer.mac_tolerance"),
         run=run_peer_latency,
+        trains=True,
         enabled=_peer_enabled("latency"),
     )
 )

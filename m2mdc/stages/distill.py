@@ -18,6 +18,7 @@ from m2mdc.distill.repair import RepairExtras, kd_repair
 from m2mdc.distill.sparsity import Sparsity, sparsity_from_config
 from m2mdc.slicing import slice_fractions, slice_groups, slice_stages
 from m2mdc.stage import Context, Stage, register_stage
+from m2mdc.train import dist
 from m2mdc.train.loop import TrainSpec, reported_top1
 from m2mdc.ui import log, plural
 
@@ -73,7 +74,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_trained(out, student.cpu(), metrics, {"stage": "distill", "top1": final})
+    if dist.is_main():
+        save_trained(out, student.cpu(), metrics, {"stage": "distill", "top1": final})
     after = plural(int(kd.epochs), "KD epoch")
     log.info(f"distill: top1 {start:.2f}% -> {final:.2f}% after {after}")
     return metrics
@@ -110,6 +112,7 @@ register_stage(
         requires=("prune",),
         keys=("kd", "select"),
         run=run,
+        trains=True,
         extra=_slice_groups_config,
     )
 )

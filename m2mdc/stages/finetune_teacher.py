@@ -24,6 +24,7 @@ from m2mdc.arch.zoo import apply_unfreeze, create_model_and_head
 from m2mdc.artifacts import load_checkpoint, safe_torch_load, save_trained
 from m2mdc.errors import M2MError
 from m2mdc.stage import Context, Stage, register_stage
+from m2mdc.train import dist
 from m2mdc.train.loop import TrainSpec, evaluate, fit, reported_top1
 from m2mdc.ui import log, plural
 
@@ -156,12 +157,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 3),
         "resumed_from_epoch": result.resumed_from,
     }
-    save_trained(
-        out,
-        model.cpu(),
-        metrics,
-        {"stage": "teacher", "top1": final, "seed": int(cfg.seed), "source": source},
-    )
+    if dist.is_main():
+        meta = {"stage": "teacher", "top1": final, "seed": int(cfg.seed), "source": source}
+        save_trained(out, model.cpu(), metrics, meta)
     log.info(f"teacher: {ctx.eval_split} top1 {final:.2f}%")
     return metrics
 
@@ -174,5 +172,6 @@ register_stage(
         keys=("model", "dataset", "teacher", "seed", "select"),
         cacheable=True,
         run=run,
+        trains=True,
     )
 )

@@ -38,6 +38,7 @@ from m2mdc.slicing import (
 )
 from m2mdc.stage import Context, Stage, register_stage
 from m2mdc.stages.score import probe_batches
+from m2mdc.train import dist
 from m2mdc.train.loop import FitResult, TrainSpec, evaluate, recalibrate_bn, reported_top1
 from m2mdc.ui import log
 
@@ -134,7 +135,9 @@ def _cut_then_repair(
     cfg = su.ctx.cfg
     student = get_adapter(student).slice(student, plan).to(su.ctx.device)  # checks invariants
     row: dict[str, Any] = {"top1_sliced": evaluate(student, su.test, cfg.perf)["top1"]}
-    row["bn_recal_batches"] = recalibrate_bn(student, su.train, int(cfg.prune.bn_recal_batches))
+    row["bn_recal_batches"] = recalibrate_bn(
+        student, su.train, int(cfg.prune.bn_recal_batches), perf=cfg.perf
+    )
     row["top1_recal"] = evaluate(student, su.test, cfg.perf)["top1"]
     extras = _sparsity(su.ctx, student, later)
     result = _repair(su, student, n, stage, epochs, feat_index, extras)
@@ -162,7 +165,9 @@ def _decay_then_cut(
     decay.remove()
     student = get_adapter(student).slice(student, plan).to(su.ctx.device)
     row["top1_sliced"] = evaluate(student, su.test, cfg.perf)["top1"]
-    row["bn_recal_batches"] = recalibrate_bn(student, su.train, int(cfg.prune.bn_recal_batches))
+    row["bn_recal_batches"] = recalibrate_bn(
+        student, su.train, int(cfg.prune.bn_recal_batches), perf=cfg.perf
+    )
     row["top1_recal"] = row["top1_repaired"] = evaluate(student, su.test, cfg.perf)["top1"]
     return student, row, result
 
@@ -216,7 +221,8 @@ def run(ctx: Context) -> dict[str, Any]:
             {"step": n, "stage": row["stage"], "planes": plan.planes, "mid": plan.mid}
         )
         meta = {"fingerprint": su.fp, "steps": steps, "plan_steps": plan_steps}
-        save_checkpoint(su.out / f"step-{n}.pt", student, meta | {"feat_index": feat_index})
+        if dist.is_main():
+            save_checkpoint(su.out / f"step-{n}.pt", student, meta | {"feat_index": feat_index})
         student.to(ctx.device)
     return _finish(su, student, steps, plan_steps, feat_index, start_top1)
 
@@ -328,13 +334,14 @@ def _finish(
         **count_macs(student, size),
         "input_size": size,
     }
-    save_checkpoint(out / "model.pt", student.cpu(), {"stage": "slice", "top1": final})
     plan = {"policy": sc.name, "selector": sc.selector, "steps": plan_steps}
     plan |= {"widths": get_adapter(student).widths(student), "feature_index": feat_index}
-    atomic_write_json(out / "plan.json", plan)
-    atomic_write_json(out / "metrics.json", metrics)
-    for f in out.glob("step-*.pt"):
-        f.unlink()
+    if dist.is_main():
+        save_checkpoint(out / "model.pt", student.cpu(), {"stage": "slice", "top1": final})
+        atomic_write_json(out / "plan.json", plan)
+        atomic_write_json(out / "metrics.json", metrics)
+        for f in out.glob("step-*.pt"):
+            f.unlink()
     return metrics
 
 
@@ -345,5 +352,6 @@ register_stage(
         requires=("distill",),
         keys=("slice", "select", "profile.input_size"),
         run=run,
+        trains=True,
     )
 )

@@ -30,6 +30,7 @@ from m2mdc.artifacts import safe_torch_load, torch_save_atomic
 from m2mdc.config import LR_SCHEDULES
 from m2mdc.data.loader import Batches
 from m2mdc.errors import Interrupted, M2MError, signal_description
+from m2mdc.train import dist
 from m2mdc.train import perf as perf_mod
 from m2mdc.train.optim import Optim
 from m2mdc.train.optim import make as make_optimizer
@@ -104,33 +105,65 @@ def evaluate(model: nn.Module, batches: Batches, perf: Any = None) -> dict[str, 
     """Top-1 accuracy (percent) and mean cross-entropy over all batches.
 
     ``perf``: the ``perf`` config section (see :mod:`m2mdc.train.perf`); None = plain float32.
+    Under data-parallel training (:mod:`m2mdc.train.dist`) each rank evaluates its share of
+    every batch and the sums are all-reduced: every rank returns the same numbers.
     """
     p = perf_mod.resolve(perf, batches.device)
     model.eval()
     fwd = perf_mod.prepare(model, p, batches.device)
-    correct = torch.zeros((), device=batches.device)
+    if dist.active():
+        batches = batches.shard(dist.rank(), dist.world())
+    correct = torch.zeros((), device=batches.device, dtype=torch.float64)
     loss = torch.zeros((), device=batches.device, dtype=torch.float64)
     for x, y in batches:
+        if not y.numel():  # a rank's empty share of a last batch smaller than the world
+            continue
         with perf_mod.autocast(p, batches.device):
             logits = fwd(perf_mod.as_input(x, p))
         logits = logits.float()  # a no-op in float32
         loss += F.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
+    total = dist.all_sum(torch.stack([correct, loss]))
     n = batches.num_examples
-    return {"top1": 100.0 * float(correct) / n, "loss": float(loss) / n}
+    return {"top1": 100.0 * float(total[0]) / n, "loss": float(total[1]) / n}
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches, num_batches: int, epoch: int = 0) -> int:
+def recalibrate_bn(
+    model: nn.Module, batches: Batches, num_batches: int, epoch: int = 0, perf: Any = None
+) -> int:
     """Re-estimate BatchNorm running statistics with forward-only training-mode passes.
 
     Statistics are reset and accumulated as a cumulative average (momentum=None) over
     ``num_batches`` batches, so the result does not depend on the default momentum.
 
+    Under data-parallel training every rank ends with the same statistics: with
+    ``perf.sync_bn`` each rank passes its share of every batch and the batch statistics are
+    synchronised (those of the global batch); without it, rank 0's statistics of the whole
+    batches are broadcast.
+
     Returns:
         The number of batches used.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not dist.active():
+        return _recalibrate(model, batches, num_batches, epoch)
+    if perf_mod.resolve(perf).sync_bn:
+        with dist.sync_batchnorm(model, True):
+            shard = batches.shard(dist.rank(), dist.world())
+            return _recalibrate(model, shard, num_batches, epoch)
+    with dist.solo():  # every rank the same passes; rank 0's statistics are the ones kept
+        used = _recalibrate(model, batches, num_batches, epoch)
+    for bn in _batchnorms(model):
+        dist.broadcast_state(bn)
+    return used
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _recalibrate(model: nn.Module, batches: Batches, num_batches: int, epoch: int) -> int:
+    bns = _batchnorms(model)
     if not bns or num_batches <= 0:
         return 0
     momenta = [bn.momentum for bn in bns]
@@ -425,6 +458,23 @@ def fit(
         raise ValueError(f"select={spec.select!r}: choose last or best_val")
     if spec.select == "best_val" and val is None:
         raise M2MError("select=best_val needs a validation split (dataset.val_fraction > 0)")
+    with dist.sync_batchnorm(model, perf_mod.resolve(spec.perf).sync_bn):
+        result = _fit(model, params, train, test, spec, loss_fn, val, epoch_info, extra_state)
+    dist.barrier()  # rank 0's last save is on disk before any rank reads what follows
+    return result
+
+
+def _fit(
+    model: nn.Module,
+    params: Iterable[nn.Parameter],
+    train: Batches,
+    test: Batches,
+    spec: TrainSpec,
+    loss_fn: LossFn,
+    val: Batches | None,
+    epoch_info: Callable[[int], dict[str, Any]] | None,
+    extra_state: nn.Module | None,
+) -> FitResult:
     run = _Run(model, params, train, spec, loss_fn, epoch_info, extra_state)
     t0 = time.perf_counter()
     with progress() as bar, StopFlag() as stop:
@@ -440,9 +490,9 @@ def fit(
                 f"{spec.desc}: epoch {epoch}/{spec.epochs} train loss {row['train_loss']:.4f} "
                 f"train top1 {row['train_top1']:.2f}% {top1}"
             )
-            if stop.signum is not None and epoch < spec.epochs:
+            if dist.agree(stop.signum is not None, run.device) and epoch < spec.epochs:
                 raise Interrupted(
-                    f"{spec.desc}: {signal_description(stop.signum)} after epoch {epoch}; state "
+                    f"{spec.desc}: {_signal(stop)} after epoch {epoch}; state "
                     f"saved to {spec.state_path}; rerun the same command to resume"
                 )
     run.result.seconds = time.perf_counter() - t0
@@ -450,9 +500,15 @@ def fit(
     return run.result
 
 
+def _signal(stop: StopFlag) -> str:
+    """The signal that stopped training (a rank stopped by another rank's: SIGTERM)."""
+    return signal_description(stop.signum if stop.signum is not None else signal.SIGTERM)
+
+
 class _Sums:
     """An epoch's running sums on the device (no host synchronisation per step); a mid-epoch
-    state saves them as ``partial``."""
+    state saves them as ``partial``. Under data-parallel training each rank sums its shares
+    and :meth:`all_reduced` gives the global sums."""
 
     def __init__(self, device: torch.device, partial: dict[str, Any] | None) -> None:
         partial = partial or {}
@@ -473,6 +529,19 @@ class _Sums:
         self.correct = self.correct + (logits.detach().argmax(1) == y).sum()
         for k, v in terms.items():
             self.totals[k] = self.totals.get(k, self.zero) + v.detach().double() * bs
+
+    def all_reduced(self) -> _Sums:
+        """The sums over every rank (``self`` in one process)."""
+        if not dist.active():
+            return self
+        keys = list(self.totals)
+        seen = torch.tensor(float(self.seen), device=self.zero.device, dtype=torch.float64)
+        flat = torch.stack([self.loss_sum, self.correct.double(), seen, *self.totals.values()])
+        flat = dist.all_sum(flat)
+        out = _Sums(self.zero.device, None)
+        out.loss_sum, out.correct, out.seen = flat[0], flat[1], round(float(flat[2]))
+        out.totals = dict(zip(keys, flat[3:], strict=True))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {
@@ -562,16 +631,43 @@ class _Run:
         self.start, self.start_step = 1, 0
         self.partial: dict[str, Any] | None = None
         self.kept = "no state of this training was saved yet"
+        dist.barrier()  # no rank reads the state file while rank 0 may still be writing it
         state = self._resumable()
         if state is not None:
             self._restore(state)
         self.guard = DivergenceGuard(self.device, state.get("guard") if state else None)
+        self.objective = self._data_parallel() if dist.active() else None
         key = spec.lr_key
         self.advice = (
             f"try a lower {key} (it is {spec.lr:g}; e.g. {key}={spec.lr / 10:g}) or check the data"
             if key
             else f"try a lower learning rate (it is {spec.lr:g}) or check the data"
         )
+
+    def _data_parallel(self) -> nn.Module:
+        """This rank's share of the training batches, and the loss as one DDP module (every
+        trained module inside it, so DDP averages all their gradients)."""
+        world = dist.world()
+        check_shares(self.train, world, self.spec.desc)
+        self.train = self.train.shard(dist.rank(), world)
+        return dist.wrap(_Objective(self.model, self.extra, self.loss_fn, self.fwd))
+
+    def _loss(
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to differentiate, the global batch's mean loss, logits, terms) of one step.
+
+        Data-parallel: each rank's mean loss is weighted by its share of the global batch
+        (times the world size, which DDP's gradient average divides out), so the gradient is
+        that of the mean over the global batch even when the last batch splits unevenly.
+        """
+        if self.objective is None:
+            loss, logits, terms = self.loss_fn(self.fwd, x, y, epoch)
+            return loss, loss.detach(), logits, terms
+        loss, logits, terms = self.objective(x, y, epoch)
+        share = y.numel() / self.train.global_batch(step)
+        mean = dist.all_sum(loss.detach().double() * share)
+        return loss * (share * dist.world()), mean, logits, terms
 
     def _schedule(self, total_steps: int, warmup_steps: int) -> None:
         """The per-step rate factor, its scheduler (None while the rate stays ``lr``) and its
@@ -635,6 +731,12 @@ class _Run:
         # After the last epoch nothing is left to train: the optimizer state (twice the model
         # for Adam) is left out, which makes the final save about 3x smaller and faster.
         final = epoch == self.spec.epochs and sums is None
+        if dist.is_main():  # data-parallel: rank 0's state is every rank's
+            self._write(epoch, step, sums, final)
+        where = f"epoch {epoch}, batch {step}" if sums is not None else f"epoch {epoch}"
+        self.kept = f"the last good state (after {where}) is {self.spec.state_path}"
+
+    def _write(self, epoch: int, step: int, sums: dict[str, Any] | None, final: bool) -> None:
         torch_save_atomic(
             {
                 "fingerprint": self.spec.fingerprint,
@@ -654,8 +756,6 @@ class _Run:
             },
             self.spec.state_path,
         )
-        where = f"epoch {epoch}, batch {step}" if sums is not None else f"epoch {epoch}"
-        self.kept = f"the last good state (after {where}) is {self.spec.state_path}"
 
     def train_epoch(self, epoch: int, bar: Any, stop: StopFlag) -> _Sums:
         """One epoch's steps (from the saved batch when resuming mid-epoch): guarded, shown,
@@ -673,32 +773,43 @@ class _Run:
             unit="img",
             per_step=self.train.batch_size,
         )
-        sums = _Sums(self.device, self.partial if epoch == self.start else None)
+        # a mid-epoch state holds the global sums: rank 0 carries them on
+        partial = self.partial if epoch == self.start and dist.is_main() else None
+        sums = _Sums(self.device, partial)
         steps = _StepLog(self, epoch, first, sums) if self.tracker.active else None
         batches = self.train.epoch(epoch + spec.epoch_offset, start_batch=first)
         for step, (x, y) in enumerate(batches, start=first):
             with perf_mod.autocast(self.pf, self.device):
-                loss, logits, terms = self.loss_fn(
-                    self.fwd, perf_mod.as_input(x, self.pf), y, epoch
+                loss, mean, logits, terms = self._loss(
+                    perf_mod.as_input(x, self.pf), y, epoch, step
                 )
             self._step(loss)
-            self.guard.observe(step, loss.detach())
-            sums.add(loss.detach(), logits, y, terms)
+            self.guard.observe(step, mean)
+            sums.add(loss.detach() if self.objective is None else mean, logits, y, terms)
             last = step + 1 == n
-            if (step + 1) % LOG_EVERY == 0 or last or stop.signum is not None:
+            sync = (step + 1) % LOG_EVERY == 0 or last
+            stopping = self._stopping(stop, sync)
+            if sync or stopping:
                 self.guard.check(spec.desc, epoch, self.kept, self.advice)
                 bar.update(task, completed=step + 1, info=sums.progress())
                 if steps is not None:
                     steps.at_sync(step + 1, sums)
-            if stop.signum is not None and not last:
-                self.save(epoch, step + 1, sums.state())
+            if stopping and not last:
+                self.save(epoch, step + 1, sums.all_reduced().state())
                 raise Interrupted(
-                    f"{spec.desc}: {signal_description(stop.signum)} at epoch {epoch}, batch "
+                    f"{spec.desc}: {_signal(stop)} at epoch {epoch}, batch "
                     f"{step + 1}; state saved to {spec.state_path}; rerun the same command "
                     "to resume"
                 )
         bar.remove_task(task)
-        return sums
+        return sums.all_reduced()
+
+    def _stopping(self, stop: StopFlag, sync: bool) -> bool:
+        """Whether to stop after this step: at once on a signal in one process; data-parallel,
+        at the next synchronisation point, all ranks together when any rank got one."""
+        if self.objective is None:
+            return stop.signum is not None
+        return sync and dist.agree(stop.signum is not None, self.device)
 
     def _step(self, loss: torch.Tensor) -> None:
         """Backward, clip and one optimizer (and schedule) step."""
@@ -763,6 +874,42 @@ class _Run:
             f"{self.spec.desc}: kept epoch {result.selected} (best validation top1 "
             f"{best['val_top1']:.2f}%) of {len(result.history)}"
         )
+
+
+def check_shares(train: Batches, world: int, desc: str) -> None:
+    """Refuse training batches that leave a rank without examples: the last (smallest) batch
+    of an epoch must hold at least one example per rank."""
+    last = train.global_batch(len(train) - 1)
+    if last < world:
+        raise M2MError(
+            f"{desc}: the last batch of an epoch holds {last} of {train.num_examples} training "
+            f"examples, fewer than the {world} ranks (each needs at least one); choose a "
+            "dataset.batch_size or a training-set size (dataset.limit_train) that leaves "
+            f"at least {world} in the last batch"
+        )
+
+
+class _Objective(nn.Module):
+    """The trained modules with the loss as their forward pass, for DDP: the whole loss runs
+    inside DDP's forward, and the gradients of every trainable parameter it reaches (the
+    model's and the extra module's, e.g. a feature projection) are averaged across ranks."""
+
+    def __init__(
+        self, model: nn.Module, extra: nn.Module | None, loss_fn: LossFn, fwd: nn.Module
+    ) -> None:
+        super().__init__()
+        self.model = model
+        if extra is not None:
+            self.extra = extra
+        # not submodules: the loss and the (maybe compiled) forward the loss calls
+        object.__setattr__(self, "_loss_fn", loss_fn)
+        object.__setattr__(self, "_fwd", fwd)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss_fn: LossFn = self.__dict__["_loss_fn"]
+        return loss_fn(self.__dict__["_fwd"], x, y, epoch)
 
 
 def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,9 @@ inputs, full float32):
   per step for a ResNet-18, 10-20 % of a training step at 32x32). Where the installed torch
   has no fused kernel for the device (CPU before torch 2.4), the per-parameter loop is used.
   ``perf.fused_adam=false`` reproduces results made with the per-parameter loop bit for bit.
+* ``sync_bn``: under data-parallel training (:mod:`m2mdc.train.dist`), BatchNorm uses the
+  statistics of the global batch rather than each rank's share, in training and in BatchNorm
+  recalibration (a no-op in one process).
 
 Like ``device``, these are execution settings rather than experiment settings: they are not
 part of the stage fingerprints, so outputs made with different ``perf`` settings are
@@ -60,6 +63,7 @@ class Perf:
     amp: str = "none"
     compile: bool = False
     fused_adam: bool = True
+    sync_bn: bool = False
 
     @property
     def is_default(self) -> bool:
@@ -87,6 +91,7 @@ def resolve(cfg: Any, device: torch.device | str | None = None) -> Perf:
             amp=str(get("amp", "none")),
             compile=bool(get("compile", False)),
             fused_adam=bool(get("fused_adam", True)),
+            sync_bn=bool(get("sync_bn", False)),
         )
     if p.amp not in AMP_DTYPES:
         raise M2MError(f"perf.amp={p.amp!r} is not valid; choose one of: {', '.join(AMP_DTYPES)}")
@@ -196,9 +201,9 @@ def available_cores() -> int:
 
 def intra_op_threads(setting: int | None, concurrent_jobs: int, cores: int | None = None) -> int:
     """``perf.threads``: torch's intra-op threads for one job. ``None`` (auto) divides the
-    cores among the jobs that run at once on this machine (a local launcher's ``n_jobs``; 1
-    otherwise), at least one each, so parallel jobs do not oversubscribe the cores and slow
-    each other down."""
+    cores among the jobs that run at once on this machine (a local launcher's ``n_jobs``, times
+    the data-parallel ranks on this machine; 1 otherwise), at least one each, so parallel jobs
+    do not oversubscribe the cores and slow each other down."""
     if setting is not None:
         return int(setting)
     cores = available_cores() if cores is None else cores
