@@ -62,38 +62,21 @@ def pareto_png(
     Returns:
         PNG bytes, or None when no row has both accuracy and the cost.
     """
-    key, unit, xlabel, flag, title = COSTS[cost]
+    key, _, xlabel, _, title = COSTS[cost]
     series = list(dict.fromkeys(g["series"] for g in groups))
+    colours = dict(zip(series, _colours(len(series)), strict=True))
     kinds = list(dict.fromkeys(r["model"] for g in groups for r in g["rows"]))
     spare = iter(_SPARE_MARKERS * 4)
     markers = {k: _MARKERS.get(k) or next(spare, "o") for k in kinds}
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     xs_all: list[float] = []
-    for s, colour in zip(series, _colours(len(series)), strict=True):
+    for s, colour in colours.items():
         rows = [r for g in groups if g["series"] == s for r in g["rows"]]
         rows = [r for r in rows if r.get(key) is not None and r["top1_mean"] is not None]
-        for r in rows:
-            x = r[key] / unit
-            xs_all.append(x)
-            ax.errorbar(
-                [x],
-                [r["top1_mean"]],
-                yerr=[r["top1_std"] or 0.0],
-                fmt=markers[r["model"]],
-                color=colour,
-                ms=7,
-                capsize=3,
-                alpha=0.85,
-                linestyle="none",
-                mec="black" if r.get(flag) else colour,
-            )
-        front = sorted((r[key] / unit, r["top1_mean"]) for r in rows if r.get(flag))
-        if front:
-            # post-steps: the best accuracy reachable at a cost of at most x
-            ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.3, alpha=0.7)
+        xs_all += _draw_series(ax, rows, cost, colour, markers)
     points = int8_points(groups, cost)
-    xs_all += _draw_int8(ax, points, dict(zip(series, _colours(len(series)), strict=True)))
+    xs_all += _draw_int8(ax, points, colours)
     if not xs_all:
         return None
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:  # sweeps over input sizes
@@ -104,12 +87,48 @@ def pareto_png(
     ax.set_title(f"{title} (step line: Pareto frontier per series)")
     ax.grid(alpha=0.3)
     ax.margins(0.08)
-    # legends outside the axes: points sit in every corner of a sweep
+    model_handles = [
+        Line2D([], [], color="0.4", marker=markers[k], ls="none", label=names.get(k, k))
+        for k in kinds
+    ]
+    _legends(ax, colours, model_handles + _int8_legend(points, cost))
+    return _png(fig)
+
+
+def _draw_series(
+    ax: Any, rows: list[Mapping[str, Any]], cost: str, colour: Any, markers: Mapping[str, str]
+) -> list[float]:
+    """One series' rows (mean top-1, sample-std error bar; black edge on the frontier) and its
+    Pareto frontier as a post-step line; the x values drawn."""
+    key, unit, _, flag, _ = COSTS[cost]
+    xs: list[float] = []
+    for r in rows:
+        x = r[key] / unit
+        xs.append(x)
+        ax.errorbar(
+            [x],
+            [r["top1_mean"]],
+            yerr=[r["top1_std"] or 0.0],
+            fmt=markers[r["model"]],
+            color=colour,
+            ms=7,
+            capsize=3,
+            alpha=0.85,
+            linestyle="none",
+            mec="black" if r.get(flag) else colour,
+        )
+    front = sorted((r[key] / unit, r["top1_mean"]) for r in rows if r.get(flag))
+    if front:
+        # post-steps: the best accuracy reachable at a cost of at most x
+        ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.3, alpha=0.7)
+    return xs
+
+
+def _legends(ax: Any, colours: Mapping[str, Any], model_handles: list[Any]) -> None:
+    """The series legend (colours) and the model legend (markers), outside the axes: points
+    sit in every corner of a sweep."""
     first = ax.legend(
-        handles=[
-            Line2D([], [], color=c, marker="o", label=s)
-            for s, c in zip(series, _colours(len(series)), strict=True)
-        ],
+        handles=[Line2D([], [], color=c, marker="o", label=s) for s, c in colours.items()],
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
         fontsize=8,
@@ -117,17 +136,12 @@ def pareto_png(
     )
     ax.add_artist(first)
     ax.legend(
-        handles=[
-            Line2D([], [], color="0.4", marker=markers[k], ls="none", label=names.get(k, k))
-            for k in kinds
-        ]
-        + _int8_legend(points, cost),
+        handles=model_handles,
         loc="lower left",
         bbox_to_anchor=(1.02, 0.0),
         fontsize=8,
         title="model (black edge: on the frontier)",
     )
-    return _png(fig)
 
 
 # cost axis -> the group's INT8 aggregate (m2mdc.report) key an INT8 point is placed at: its

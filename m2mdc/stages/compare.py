@@ -181,6 +181,21 @@ def run_peer_latency(ctx: Context) -> dict[str, Any]:
     return train_peer(ctx, LATENCY_PEER, teacher, best["ratio"], target, match, trials, why)
 
 
+def _prune_peer(ctx: Context, teacher: nn.Module, ratio: float, size: int) -> nn.Module:
+    """``teacher`` pruned at the uniform ``ratio`` by ``peer.importance`` (Taylor: on
+    ``peer.taylor_batches`` training batches), on ``ctx.device``, marked as resized by
+    Torch-Pruning in its ``arch``."""
+    cfg = ctx.cfg
+    grad_batches = None
+    if cfg.peer.importance == "taylor":
+        n = int(cfg.peer.taylor_batches)
+        grad_batches = list(itertools.islice(ctx.train_batches().epoch(0), n))
+    peer = peers.prune_uniform(teacher, ratio, size, str(cfg.peer.importance), grad_batches)
+    arch: dict[str, Any] = peer.m2mdc_arch  # type: ignore[assignment]  # the copy's own dict
+    arch["resized_by"] = "torch_pruning"
+    return peer.to(ctx.device)
+
+
 def train_peer(
     ctx: Context,
     name: str,
@@ -197,14 +212,7 @@ def train_peer(
     cfg = ctx.cfg
     out = ctx.stage_dir(name)
     size = int(target["input_size"])
-    grad_batches = None
-    if cfg.peer.importance == "taylor":
-        n = int(cfg.peer.taylor_batches)
-        grad_batches = list(itertools.islice(ctx.train_batches().epoch(0), n))
-    peer = peers.prune_uniform(teacher, ratio, size, str(cfg.peer.importance), grad_batches)
-    arch: dict[str, Any] = peer.m2mdc_arch  # type: ignore[assignment]  # the copy's own dict
-    arch["resized_by"] = "torch_pruning"
-    peer.to(ctx.device)
+    peer = _prune_peer(ctx, teacher, ratio, size)
     test = ctx.eval_batches()
     top1_pruned = evaluate(peer, test, cfg.perf)["top1"]
     recalibrate_bn(peer, ctx.train_batches(), int(cfg.prune.bn_recal_batches), perf=cfg.perf)

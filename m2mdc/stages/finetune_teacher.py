@@ -93,15 +93,10 @@ def check_trained(start: Initial, epochs: int, num_classes: int) -> None:
         )
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def _announce(ctx: Context, start: Any, epochs: int) -> int:
+    """Unfreeze per ``teacher.unfreeze`` and say what trains (warning on a random init trained
+    only in its last third); the number of trainable parameters."""
     cfg = ctx.cfg
-    start = initial_teacher(ctx)
-    epochs = 0 if start.finished else int(cfg.teacher.epochs)
-    check_trained(start, epochs, ctx.num_classes)  # before anything is written
-    model, source = start.model, start.source
-    out = ctx.stage_dir("teacher")
-    model.to(ctx.device)
-    test = ctx.eval_batches()
     if (
         cfg.teacher.unfreeze == "last_third"
         and not cfg.model.pretrained
@@ -113,7 +108,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "teacher: training from random init with teacher.unfreeze=last_third leaves "
             "two thirds of the network random; teacher.unfreeze=all is usual from scratch"
         )
-    trainable = apply_unfreeze(model, cfg.teacher.unfreeze)
+    trainable = apply_unfreeze(start.model, cfg.teacher.unfreeze)
     head = (
         f"; its {start.new_head}-class head was replaced by a new {ctx.num_classes}-class one, "
         f"trained for {plural(epochs, 'epoch')}"
@@ -121,8 +116,22 @@ def run(ctx: Context) -> dict[str, Any]:
         else f", {plural(epochs, 'epoch')}"
     )
     log.info(
-        f"teacher: {model_id(cfg.model)} from {source}, {trainable:,} trainable parameters{head}"
+        f"teacher: {model_id(cfg.model)} from {start.source}, {trainable:,} trainable "
+        f"parameters{head}"
     )
+    return trainable
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    start = initial_teacher(ctx)
+    epochs = 0 if start.finished else int(cfg.teacher.epochs)
+    check_trained(start, epochs, ctx.num_classes)  # before anything is written
+    model, source = start.model, start.source
+    out = ctx.stage_dir("teacher")
+    model.to(ctx.device)
+    test = ctx.eval_batches()
+    trainable = _announce(ctx, start, epochs)
 
     spec = TrainSpec.of(
         cfg,

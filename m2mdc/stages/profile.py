@@ -89,26 +89,28 @@ def add_ratios(rows: dict[str, dict[str, Any]], batch_sizes: list[int]) -> None:
             r["speedup_over_mac_ratio"] = r["latency_speedup"] / r["mac_ratio"]
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def _models(ctx: Context) -> tuple[str, dict[str, nn.Module]]:
+    """What to profile: a run's finished models, ``checkpoint=``, or the bare architecture
+    (and its ``prune.keep_cfg`` student); the mode's name and the models by row."""
     cfg = ctx.cfg
-    models: dict[str, nn.Module] = {}
     found = finished_models(ctx.run_dir)
     if found:
-        mode = "run"
-        for row, st in found.items():
-            models[row] = ctx.load_model(st, expect=False)
-    elif cfg.checkpoint:
-        mode = "checkpoint"
+        return "run", {row: ctx.load_model(st, expect=False) for row, st in found.items()}
+    if cfg.checkpoint:
         model, _ = load_checkpoint(cfg.checkpoint)
-        models["checkpoint"] = model.to(ctx.device)
-    else:
-        mode = "architecture"
-        classes = int(cfg.dataset.num_classes or ctx.num_classes)
-        base = create_model(model_id(cfg.model), classes).to(ctx.device)
-        models[model_id(cfg.model)] = base
-        if cfg.prune.keep_cfg:
-            keep = parse_keep_cfg(cfg.prune.keep_cfg)
-            models["keep_cfg"] = get_adapter(model_id(cfg.model)).keep(base, keep)
+        return "checkpoint", {"checkpoint": model.to(ctx.device)}
+    classes = int(cfg.dataset.num_classes or ctx.num_classes)
+    base = create_model(model_id(cfg.model), classes).to(ctx.device)
+    models = {model_id(cfg.model): base}
+    if cfg.prune.keep_cfg:
+        keep = parse_keep_cfg(cfg.prune.keep_cfg)
+        models["keep_cfg"] = get_adapter(model_id(cfg.model)).keep(base, keep)
+    return "architecture", models
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    mode, models = _models(ctx)
     rows = {}
     with torch.inference_mode():
         for name, model in models.items():

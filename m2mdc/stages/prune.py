@@ -6,6 +6,7 @@ are then re-estimated over ``prune.bn_recal_batches`` forward-only training batc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -23,53 +24,58 @@ from m2mdc.train.loop import evaluate, recalibrate_bn
 from m2mdc.ui import log
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def _choose(
+    ctx: Context, teacher: nn.Module, blocks: list, scores: dict[str, float], method: str
+) -> tuple[nn.Module, dict[str, list[int]], list, str, dict[str, Any] | None]:
+    """The blocks to keep, by the MAC-budget allocator, ``prune.keep_cfg`` or the lowest
+    scores: ``(student, keep_cfg, removed blocks, source, allocator record or None)``."""
     cfg = ctx.cfg
-    teacher = ctx.load_model("teacher")
     adapter = get_adapter(teacher)
-    blocks = adapter.blocks(teacher)
-    scores_doc = read_json(ctx.run_dir / "score" / "scores.json")
-    scores = {r["name"]: float(r["score"]) for r in scores_doc["blocks"]}
-    budget_doc = None
     if cfg.budget.macs is not None:
         if cfg.prune.keep_cfg:
             raise M2MError("budget.macs and prune.keep_cfg both choose the blocks; give one")
         choice, budget_doc = allocate(ctx, teacher, blocks, scores)
         keep = choice.keep_cfg
-        student = adapter.keep(teacher, keep)
         removed = [b for b in blocks if b.orig_index not in keep[b.stage]]
         source = f"budget.macs={cfg.budget.macs} (allocator, ratio {choice.ratio})"
-    elif cfg.prune.keep_cfg:
+        return adapter.keep(teacher, keep), keep, removed, source, budget_doc
+    if cfg.prune.keep_cfg:
         # the adapter validates protection, empty stages, unknown stages and indices
         student = adapter.keep(teacher, parse_keep_cfg(cfg.prune.keep_cfg))
         keep = {s: list(v) for s, v in adapter.arch(student)["keep"].items()}
         removed = [b for b in blocks if b.orig_index not in keep[b.stage]]
-        source = "prune.keep_cfg"
-    else:
-        removed = select_removals(blocks, scores, float(cfg.prune.ratio))
-        keep = keep_cfg_from_removals(blocks, removed)
-        student = adapter.keep(teacher, keep)
-        source = f"lowest {scores_doc['method']} scores"
+        return student, keep, removed, "prune.keep_cfg", None
+    removed = select_removals(blocks, scores, float(cfg.prune.ratio))  # lowest score first
+    keep = keep_cfg_from_removals(blocks, removed)
+    return adapter.keep(teacher, keep), keep, removed, f"lowest {method} scores", None
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    teacher = ctx.load_model("teacher")
+    blocks = get_adapter(teacher).blocks(teacher)
+    scores_doc = read_json(ctx.run_dir / "score" / "scores.json")
+    scores = {r["name"]: float(r["score"]) for r in scores_doc["blocks"]}
+    student, keep, removed, source, budget_doc = _choose(
+        ctx, teacher, blocks, scores, scores_doc["method"]
+    )
     test = ctx.eval_batches()
     before = evaluate(student, test, cfg.perf)["top1"]
     used = recalibrate_bn(student, ctx.train_batches(), int(cfg.prune.bn_recal_batches))
     after = evaluate(student, test, cfg.perf)["top1"]
     teacher_top1 = read_json(ctx.run_dir / "teacher" / "metrics.json")["top1"]
     size = int(cfg.profile.input_size or cfg.dataset.image_size)
+    ratio = float(budget_doc["choice"]["ratio"] if budget_doc else cfg.prune.ratio)
     plan = {
         "keep_cfg": keep,
         "removed": [b.name for b in removed],
         "protected": [b.name for b in blocks if b.protected],
-        "k_target": num_to_remove(blocks, float(cfg.prune.ratio)),
-        "ratio": float(cfg.prune.ratio),
+        "k_target": num_to_remove(blocks, ratio),
+        "ratio": ratio,
         "source": source,
         "scores": {b.name: scores.get(b.name) for b in blocks},
+        **({"budget": budget_doc} if budget_doc is not None else {}),
     }
-    if budget_doc is not None:
-        plan["budget"] = budget_doc
-        ratio = float(budget_doc["choice"]["ratio"])
-        plan["ratio"], plan["k_target"] = ratio, num_to_remove(blocks, ratio)
-    out = ctx.stage_dir("prune")
     metrics = {
         "top1": after,
         "top1_split": ctx.eval_split,
@@ -82,6 +88,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "input_size": size,
         "removed": len(removed),
     }
+    out = ctx.stage_dir("prune")
     save_checkpoint(out / "model.pt", student.cpu(), {"stage": "prune", "keep_cfg": keep})
     atomic_write_json(out / "plan.json", plan)
     atomic_write_json(out / "metrics.json", metrics)
@@ -115,6 +122,30 @@ def allocate(
     )
     if not found:
         raise budget.no_candidate_error(target, tol, missed)
+    choice, ranked = budget.choose(found, _proxy(ctx, teacher))
+    teacher.to(ctx.device)
+    log.info(
+        f"prune: budget {target:,} MACs ({target / teacher_macs:.1%} of the teacher): "
+        f"{len(found)} candidates; chose ratio {choice.ratio}, {choice.shape}, planes "
+        f"{choice.planes_keep:.3f}, mid {choice.mid_keep:.3f} ({choice.macs:,} MACs, proxy "
+        f"top1 {choice.proxy_top1:.2f}%)"
+    )
+    doc = {
+        "target_macs": target,
+        "teacher_macs": teacher_macs,
+        "tolerance": tol,
+        "proxy": f"probe top1 after BN recalibration ({int(cfg.budget.proxy_batches)} batches)",
+        "choice": budget.as_records([choice])[0],
+        "candidates": budget.as_records(ranked),
+        "unreachable": missed,
+    }
+    return choice, doc
+
+
+def _proxy(ctx: Context, teacher: nn.Module) -> Callable[[budget.Candidate], float]:
+    """The allocator's proxy: a candidate's top1 on ``budget.proxy_samples`` class-mixed
+    training images after ``budget.proxy_batches`` batches of BN recalibration."""
+    cfg = ctx.cfg
     train = ctx.data("train")
     n = min(int(cfg.budget.proxy_samples), len(train))
     probe = Batches(
@@ -139,24 +170,7 @@ def allocate(
         recalibrate_bn(student, recal, int(cfg.budget.proxy_batches))
         return evaluate(student, probe, cfg.perf)["top1"]
 
-    choice, ranked = budget.choose(found, proxy)
-    teacher.to(ctx.device)
-    log.info(
-        f"prune: budget {target:,} MACs ({target / teacher_macs:.1%} of the teacher): "
-        f"{len(found)} candidates; chose ratio {choice.ratio}, {choice.shape}, planes "
-        f"{choice.planes_keep:.3f}, mid {choice.mid_keep:.3f} ({choice.macs:,} MACs, proxy "
-        f"top1 {choice.proxy_top1:.2f}%)"
-    )
-    doc = {
-        "target_macs": target,
-        "teacher_macs": teacher_macs,
-        "tolerance": tol,
-        "proxy": f"probe top1 after BN recalibration ({int(cfg.budget.proxy_batches)} batches)",
-        "choice": budget.as_records([choice])[0],
-        "candidates": budget.as_records(ranked),
-        "unreachable": missed,
-    }
-    return choice, doc
+    return proxy
 
 
 def _budget_extra(ctx: Context) -> Any:

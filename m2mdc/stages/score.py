@@ -36,19 +36,12 @@ def probe_batches(ctx: Context) -> Batches:
     )
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    teacher = ctx.load_model("teacher")
-    adapter = get_adapter(teacher)
-    blocks = adapter.blocks(teacher)
+def _probe_pass(
+    ctx: Context, teacher: Any, wanted: dict[str, Any]
+) -> tuple[dict[str, Any], Any, int]:
+    """One pass of the probe set through ``teacher``: the spatially pooled outputs of the
+    ``wanted`` modules, the labels, and the number of probe examples."""
     probe = probe_batches(ctx)
-    modules = {b.name: adapter.block_module(teacher, b.name) for b in blocks}
-    # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
-    stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
-    # one probe pass for the stage outputs and (when the method needs them) the blocks
-    wanted = {f"stage:{s}": m for s, m in stage_out.items()}
-    if BLOCK_SCORERS.get(cfg.score.method).needs_activations:
-        wanted.update({f"block:{n}": m for n, m in modules.items()})
     with progress() as bar:
         task = bar.add_task("score probe", total=probe.num_examples, info="", unit="img")
         pooled, labels = collect_pooled(
@@ -58,6 +51,22 @@ def run(ctx: Context) -> dict[str, Any]:
             probe.num_examples,
             lambda done, _: bar.update(task, completed=done),
         )
+    return pooled, labels, probe.num_examples
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    teacher = ctx.load_model("teacher")
+    adapter = get_adapter(teacher)
+    blocks = adapter.blocks(teacher)
+    modules = {b.name: adapter.block_module(teacher, b.name) for b in blocks}
+    # per-stage channel MI of the stage output (the planes): the signal slicing can reuse
+    stage_out = {s: adapter.stage_output(teacher, s) for s in adapter.stages(teacher)}
+    # one probe pass for the stage outputs and (when the method needs them) the blocks
+    wanted = {f"stage:{s}": m for s, m in stage_out.items()}
+    if BLOCK_SCORERS.get(cfg.score.method).needs_activations:
+        wanted.update({f"block:{n}": m for n, m in modules.items()})
+    pooled, labels, n_probe = _probe_pass(ctx, teacher, wanted)
     scores = score_blocks(
         teacher,
         modules,
@@ -84,27 +93,35 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         for b in blocks
     ]
+    return _write(ctx, rows, channels, n_probe)
+
+
+def _write(
+    ctx: Context, rows: list[dict[str, Any]], channels: dict[str, Any], n_probe: int
+) -> dict[str, Any]:
+    """Write ``scores.json`` and ``metrics.json``, print the ranking; the stage's result."""
+    method = ctx.cfg.score.method
     result = {
-        "method": cfg.score.method,
-        "bins": int(cfg.score.bins),
-        "probe_samples": probe.num_examples,
+        "method": method,
+        "bins": int(ctx.cfg.score.bins),
+        "probe_samples": n_probe,
         "blocks": rows,
         "stage_channel_mi": channels,
-        "units": "nats" if cfg.score.method == "mi" else None,
+        "units": "nats" if method == "mi" else None,
     }
     atomic_write_json(ctx.stage_dir("score") / "scores.json", result)
     atomic_write_json(
         ctx.stage_dir("score") / "metrics.json",
-        {"method": cfg.score.method, "probe_samples": probe.num_examples, "num_blocks": len(rows)},
+        {"method": method, "probe_samples": n_probe, "num_blocks": len(rows)},
     )
     console.print(
         table(
-            f"block scores ({cfg.score.method}, {probe.num_examples} probe samples)",
+            f"block scores ({method}, {n_probe} probe samples)",
             ["name", "stage", "protected", "score", "rank"],
             rows,
         )
     )
-    lowest = min(blocks, key=lambda b: scores[b.name]).name
+    lowest = min(rows, key=lambda r: r["score"])["name"]
     log.info(f"score: ranked {len(rows)} blocks; lowest {lowest}")
     return result
 
