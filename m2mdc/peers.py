@@ -16,6 +16,7 @@ The stages that train and report them are ``compare=torch_pruning`` with ``peer.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,16 @@ import torch_pruning as tp
 from torch import nn
 
 from m2mdc.arch import get_adapter
-from m2mdc.bisection import bisect, within
+from m2mdc.bisection import Trial, bisect, within
 from m2mdc.errors import M2MError
 from m2mdc.profiling import count_macs, paired_latency
 
 NAME = "peer_torch_pruning"  # matched to the student's MACs
 LATENCY_NAME = "peer_torch_pruning_latency"  # matched to the student's measured latency
 MAX_RATIO = 0.95
-BISECTION_STEPS = 30
+BISECTION_STEPS = (
+    20  # the last bracket is MAX_RATIO / 2**20 wide: far below one channel of any group
+)
 LATENCY_STEPS = 12  # timed bisection trials: the last bracket is MAX_RATIO / 4096 wide
 
 
@@ -86,12 +89,33 @@ def bisect_ratio(
     )
     macs = int(best.value)
     if not within(macs, target_macs, tolerance):
-        raise M2MError(
-            f"{NAME}: no uniform Torch-Pruning ratio in [0, {MAX_RATIO}] reaches "
-            f"{target_macs:,} MACs within {tolerance:.0%} (closest: {macs:,} at ratio "
-            f"{best.x:.4f}); raise peer.mac_tolerance"
-        )
+        raise M2MError(unreachable_message(target_macs, tolerance, trials))
     return best.x, macs, [{"ratio": t.x, "macs": t.value} for t in trials]
+
+
+def unreachable_message(target: int, tolerance: float, trials: list[Trial]) -> str:
+    """Why no uniform ratio matched ``target`` MACs: the trials' nearest MACs on each side (a
+    uniform ratio moves a narrow model's MACs in steps: every group of one width loses a channel
+    at the same ratio) and the ``peer.mac_tolerance`` that would accept the nearer one."""
+    above = min((t for t in trials if t.value >= target), key=lambda t: t.value, default=None)
+    below = max((t for t in trials if t.value < target), key=lambda t: t.value, default=None)
+    head = (
+        f"{NAME}: no uniform Torch-Pruning ratio in [0, {MAX_RATIO}] reaches {target:,} MACs "
+        f"within {tolerance:.0%}"
+    )
+    if above is None or below is None:
+        t = above or below
+        assert t is not None
+        return f"{head} (closest: {int(t.value):,} at ratio {t.x:.4f}); raise peer.mac_tolerance"
+    sides = [
+        f"{int(t.value):,} ({t.value / target - 1:+.1%}) at ratio {t.x:.4f}" for t in (above, below)
+    ]
+    gap = min(abs(t.value / target - 1) for t in (above, below))
+    need = math.ceil(gap * 100) / 100
+    return (
+        f"{head}: the ratio moves this model's MACs in steps, the nearest are {sides[0]} and "
+        f"{sides[1]}; set peer.mac_tolerance={need:g} or more"
+    )
 
 
 def match_latency(

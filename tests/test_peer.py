@@ -46,6 +46,31 @@ def test_unreachable_target_is_a_clear_error():
         peers.bisect_ratio(teacher, 1000, 32, 0.02)  # far below any 0.95-ratio model
 
 
+def test_a_target_between_two_steps_names_both_and_the_tolerance_that_reaches_them():
+    """A uniform ratio moves ResNet-20's MACs in steps (its 16-, 32- and 64-channel groups all
+    lose a channel at multiples of 1/128 at most): a target in the middle of the widest step is
+    refused with both neighbours, and the tolerance the message names then matches."""
+    import itertools
+    import math
+    import re
+
+    teacher = create_model("resnet20", 10).eval()
+    grid = [0.40 + (i + 0.5) / 128 for i in range(20)]  # one ratio between every two steps
+    levels = sorted({count_macs(peers.prune_uniform(teacher, r, 32), 32)["macs"] for r in grid})
+    lo, hi = max(itertools.pairwise(levels), key=lambda p: p[1] / p[0])
+    target = round(math.sqrt(lo * hi))
+    assert hi / target - 1 > 0.02 and 1 - lo / target > 0.02  # no level within 2%
+    with pytest.raises(M2MError) as err:
+        peers.bisect_ratio(teacher, target, 32, 0.02)
+    msg = str(err.value)
+    assert f"{hi:,} (+" in msg and f"{lo:,} (-" in msg and "\n" not in msg
+    need = math.ceil(min(hi / target - 1, 1 - lo / target) * 100) / 100
+    assert f"set peer.mac_tolerance={need:g} or more" in msg
+    said = float(re.search(r"peer.mac_tolerance=([0-9.]+)", msg).group(1))
+    _, macs, _ = peers.bisect_ratio(teacher, target, 32, said)
+    assert macs in (lo, hi) and abs(macs - target) <= said * target
+
+
 def test_peer_terms_are_validated(compose_cfg):
     from m2mdc.config import validate
 
