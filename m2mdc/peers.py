@@ -33,9 +33,8 @@ from m2mdc.profiling import count_macs, paired_latency
 NAME = "peer_torch_pruning"  # matched to the student's MACs
 LATENCY_NAME = "peer_torch_pruning_latency"  # matched to the student's measured latency
 MAX_RATIO = 0.95
-BISECTION_STEPS = (
-    20  # the last bracket is MAX_RATIO / 2**20 wide: far below one channel of any group
-)
+# the last bracket is MAX_RATIO / 2**20 wide: far below one channel of any group
+BISECTION_STEPS = 20
 LATENCY_STEPS = 12  # timed bisection trials: the last bracket is MAX_RATIO / 4096 wide
 
 

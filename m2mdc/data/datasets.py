@@ -29,11 +29,9 @@ from m2mdc.ui import log
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-@dataclass
-class ImageData:
-    """One split held in memory."""
+class _Labelled:
+    """What every split answers from its labels and class names."""
 
-    images: torch.Tensor  # uint8 [N, 3, H, W]
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
 
@@ -44,12 +42,21 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+
+@dataclass
+class ImageData(_Labelled):
+    """One split held in memory."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+
     def subset(self, index: torch.Tensor) -> ImageData:
         return ImageData(self.images[index], self.labels[index], self.classes)
 
 
 @dataclass
-class FileData:
+class FileData(_Labelled):
     """One split of an image tree left on disk (streamed): what :func:`_decode` makes of
     ``files[i]`` at ``size`` is the uint8 ``[3, *shape]`` image an :class:`ImageData` of the
     split would hold at ``i``."""
@@ -60,13 +67,6 @@ class FileData:
     size: int | None  # the decode size (None: every image has its stored size, ``shape``)
     shape: tuple[int, int]  # (H, W) of every decoded image
     workers: int = 0  # the loader's decoding processes (dataset.num_workers; 0: in-process)
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def subset(self, index: torch.Tensor) -> FileData:
         files = [self.files[i] for i in index.tolist()]
